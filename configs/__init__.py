@@ -1,0 +1,1 @@
+"""ml_collections configuration files; pass one with --config=configs/<name>.py."""

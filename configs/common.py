@@ -1,0 +1,28 @@
+"""The config layout every VDVAE config shares; each config file fills in its own values."""
+
+import ml_collections
+
+
+def vdvae_config(*, model: dict, data: dict, train: dict, checkpoint: str = "", official_checkpoint: str = ""):
+    """A config: `model` (architecture), `data` (normalisation), `train` (the update rule) and run settings."""
+    config = ml_collections.ConfigDict()
+    config.model = ml_collections.ConfigDict(
+        dict(custom_width_str="", bottleneck_multiple=0.25, no_bias_above=64, low_bit=False) | model
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(source="embedded", folder="", pixel_max=255.0, shift_loss=-127.5, scale_loss=1.0 / 127.5, eval_images=4)
+        | data
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100,
+            steps=1000, log_every=50, sample_every=0, seed=0,
+        )
+        | train
+    )
+    config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8))
+    config.checkpoint = checkpoint
+    config.official_checkpoint = official_checkpoint
+    config.compute_dtype = "float32"
+    config.scan_unroll = 1  # blocks unrolled per scan step; CPU runs unrolled gradients ~10x faster
+    return config

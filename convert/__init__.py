@@ -1,0 +1,1 @@
+"""Conversion of official PyTorch VDVAE checkpoints."""

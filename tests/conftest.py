@@ -1,0 +1,39 @@
+"""Shared fixtures: the reference data beside the repository, and highest-precision float32 maths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def reference_dir(name: str) -> Path:
+    """A fixture folder under ../shared/reference, or a skip saying it is missing."""
+    path = REFERENCE / name
+    if not path.is_dir():
+        pytest.skip(f"reference fixtures not found at {path}")
+    return path
+
+
+def load_reference(name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(hparams.json, reference.npz) of one fixture folder."""
+    path = reference_dir(name)
+    hparams = json.loads((path / "hparams.json").read_text())
+    with np.load(path / "reference.npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    return hparams, arrays
+
+
+def assert_close(actual, expected, rtol=1e-4, what=""):
+    """Max-abs error relative to the reference's max magnitude, the fixtures' stated tolerance."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12)
+    assert err < rtol, f"{what}: relative error {err:.3g} >= {rtol}"

@@ -1,0 +1,64 @@
+"""Normalisation against the fixtures, the embedded photos, folders with bad files, and crops."""
+
+import logging
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_reference
+from vdvae_sr_jax import data
+
+
+@pytest.mark.parametrize("name", ["vdvae_tiny", "vdvae_custom"])
+def test_normalize_matches_official_preprocessing(name):
+    hparams, ref = load_reference(name)
+    cfg = ml_collections.ConfigDict(dict(shift=hparams["shift"], scale=hparams["scale"], pixel_max=255.0,
+                                         shift_loss=-127.5, scale_loss=1 / 127.5))
+    inp, target = data.normalize(ref["x_uint8"], cfg, hparams["low_bit"])
+    np.testing.assert_allclose(inp, ref["input"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(target, ref["target"], rtol=1e-6, atol=1e-6)
+
+
+def test_unit_range_datasets_scale_pixels_first():
+    cfg = ml_collections.ConfigDict(dict(shift=-0.4387, scale=3.6456434560699966, pixel_max=1.0,
+                                         shift_loss=-0.5, scale_loss=2.0))
+    inp, target = data.normalize(np.array([0, 255], np.uint8), cfg)
+    np.testing.assert_allclose(target, [-1.0, 1.0])
+    np.testing.assert_allclose(inp, [(0 - 0.4387) * 3.6456434560699966, (1 - 0.4387) * 3.6456434560699966], rtol=1e-6)
+
+
+def test_embedded_photos_are_real_rgb_images():
+    photos = data.embedded_photos()
+    assert len(photos) == 8
+    for name, image in photos:
+        assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+        assert min(image.shape[:2]) >= 256 and image.std() > 20, name
+
+
+def test_folder_skips_and_reports_bad_files(tmp_path, caplog):
+    rgb = data.embedded_photos()[1][1]
+    Image.fromarray(rgb).save(tmp_path / "good.png")
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.jpg")
+    Image.fromarray(rgb[:10, :10]).save(tmp_path / "tiny.png")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with caplog.at_level(logging.WARNING):
+        images = data.folder_images(tmp_path, min_size=32)
+    assert [p.split("/")[-1] for p, _ in images] == ["good.png", "grey.jpg"]
+    assert images[1][1].shape == rgb.shape
+    assert "corrupt.png (unreadable" in caplog.text and "tiny.png (smaller than 32 pixels)" in caplog.text
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.folder_images(tmp_path / "nowhere")
+
+
+def test_center_crop_and_random_crops_are_deterministic():
+    image = data.embedded_photos()[0][1]
+    crop = data.center_crop(image[:, :400], 64)
+    assert crop.shape == (64, 64, 3)
+    a = next(data.random_crops([image], 32, 4, seed=3))
+    b = next(data.random_crops([image], 32, 4, seed=3))
+    c = next(data.random_crops([image], 32, 4, seed=3, start=1))
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (4, 32, 32, 3) and not np.array_equal(a, c)

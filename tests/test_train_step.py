@@ -1,0 +1,82 @@
+"""The official update rule: AdamW + clipping + warmup against torch, gradient skipping, and the EMA."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vdvae_sr_jax import train
+
+
+def _train_config(**overrides):
+    return ml_collections.ConfigDict(
+        dict(lr=0.1, wd=0.01, adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, warmup_iters=4, grad_clip=3.0,
+             skip_threshold=50.0, ema_rate=0.9) | overrides
+    )
+
+
+def _quadratic_loss(params, batch, rng):
+    """A loss whose gradient norm is set by the batch, so a batch can make it explode."""
+    del rng
+    loss = jnp.sum(batch["scale"] * (params["w"] - batch["target"]) ** 2)
+    return loss, {}
+
+
+def _run(cfg, batches, w0):
+    tx = train.make_optimizer(cfg)
+    state = train.init_state({"w": jnp.asarray(w0)}, tx, jax.random.key(0))
+    step = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=_quadratic_loss, tx=tx, train=cfg))
+    out = []
+    for batch in batches:
+        state, metrics = step(state, batch)
+        out.append((state, metrics))
+    return out
+
+
+def test_update_matches_torch_adamw_with_clipping_and_warmup():
+    torch = pytest.importorskip("torch")
+    cfg = _train_config()
+    w0 = np.array([1.0, -2.0, 0.5], np.float32)
+    target = np.array([0.3, 0.1, -0.2], np.float32)
+    batches = [{"scale": np.float32(s), "target": target} for s in (1.0, 2.0, 0.5, 1.0, 3.0, 1.0)]
+    ours = _run(cfg, batches, w0)
+
+    w = torch.nn.Parameter(torch.tensor(w0))
+    opt = torch.optim.AdamW([w], lr=cfg.lr, betas=(0.9, 0.9), eps=1e-8, weight_decay=cfg.wd)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0 if it > cfg.warmup_iters else it / cfg.warmup_iters)
+    ema = w.detach().clone()
+    for batch, (state, metrics) in zip(batches, ours):
+        opt.zero_grad()
+        loss = (float(batch["scale"]) * (w - torch.tensor(batch["target"])) ** 2).sum()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([w], cfg.grad_clip).item()
+        opt.step()
+        sched.step()
+        ema = ema * cfg.ema_rate + w.detach() * (1 - cfg.ema_rate)
+        assert float(metrics["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+        np.testing.assert_allclose(state.params["w"], w.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state.ema_params["w"], ema.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["huge", "nan"])
+def test_skipped_update_leaves_state_bit_identical(bad):
+    cfg = _train_config()
+    target = np.array([0.3, 0.1, -0.2], np.float32)
+    good = {"scale": np.float32(1.0), "target": target}
+    worse = {"scale": np.float32(1e4) if bad == "huge" else np.float32(np.nan), "target": target}
+    (before, _), (after, metrics), (resumed, _) = _run(cfg, [good, worse, good], [1.0, -2.0, 0.5])
+    for field in ("params", "ema_params", "opt_state"):
+        old, new = jax.tree_util.tree_leaves(getattr(before, field)), jax.tree_util.tree_leaves(getattr(after, field))
+        for a, b in zip(old, new):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=field)
+    assert int(metrics["skipped_update"]) == 1 and int(after.skipped) == 1
+    assert int(after.step) == 2 and float(metrics["lr"]) == pytest.approx(cfg.lr * 1 / cfg.warmup_iters)
+    assert int(resumed.skipped) == 1 and not np.array_equal(resumed.params["w"], after.params["w"])
+
+
+def test_skip_threshold_minus_one_disables_skipping():
+    cfg = _train_config(skip_threshold=-1.0)
+    batch = {"scale": np.float32(1e4), "target": np.zeros(3, np.float32)}
+    ((state, metrics),) = _run(cfg, [batch], [1.0, -2.0, 0.5])
+    assert int(state.skipped) == 0 and float(metrics["grad_norm"]) > 1e4

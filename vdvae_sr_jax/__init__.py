@@ -1,0 +1,1 @@
+"""VDVAE and VDVAE-SR (x4 super-resolution) in JAX/Flax."""

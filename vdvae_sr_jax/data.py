@@ -1,0 +1,103 @@
+"""Images in, normalised batches out: the embedded photos, folders of images, crops and normalisation."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+# Real photographs that ship inside scikit-image, so demos and tests need no download.
+EMBEDDED_PHOTOS = (
+    "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
+    "ihc.png", "motorcycle_left.png", "retina.jpg", "rocket.jpg",
+)
+
+
+def normalize(x_uint8: np.ndarray, data, low_bit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(encoder input, likelihood target) as upstream: (x + shift) * scale, and the loss scaling.
+
+    With `low_bit` data (FFHQ-256) the target keeps 5 bits: floor(x / 8) * 8 before scaling.
+    """
+    x = x_uint8.astype(np.float32)
+    target = np.floor(x / 8.0) * 8.0 if low_bit else x
+    to_range = data.pixel_max / 255.0
+    inp = (x * to_range + data.shift) * data.scale
+    target = (target * to_range + data.shift_loss) * data.scale_loss
+    return inp.astype(np.float32), target.astype(np.float32)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB uint8 array [H, W, 3] from any image file PIL reads, EXIF orientation applied."""
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def embedded_photos() -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8 image) for the photos that ship inside scikit-image."""
+    import skimage
+
+    root = Path(skimage.__file__).parent / "data"
+    return [(name, read_image(root / name)) for name in EMBEDDED_PHOTOS]
+
+
+def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.ndarray]]:
+    """(path, RGB uint8 image) for every image under `folder`; unreadable or too-small files are skipped and logged."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    images, skipped = [], []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        try:
+            image = read_image(path)
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            skipped.append(f"{path} (unreadable: {error})")
+            continue
+        if min(image.shape[:2]) < min_size:
+            skipped.append(f"{path} (smaller than {min_size} pixels)")
+            continue
+        images.append((str(path), image))
+    if skipped:
+        total = len(skipped) + len(images)
+        logging.warning("skipped %d of %d images:\n  %s", len(skipped), total, "\n  ".join(skipped))
+    if not images:
+        raise ValueError(f"no readable images of at least {min_size} pixels under {folder}")
+    return images
+
+
+def load_images(data, min_size: int) -> list[tuple[str, np.ndarray]]:
+    """The images a config's `data.source` names: 'embedded' or 'folder' (with `data.folder`)."""
+    if data.source == "embedded":
+        return embedded_photos()
+    if data.source == "folder":
+        return folder_images(data.folder, min_size)
+    raise ValueError(f"unknown data.source {data.source!r}: use 'embedded' or 'folder'")
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes the shorter side to `size` (bicubic) and takes the central size x size square."""
+    h, w = image.shape[:2]
+    s = size / min(h, w)
+    new_size = (max(size, round(w * s)), max(size, round(h * s)))
+    resized = np.asarray(Image.fromarray(image).resize(new_size, Image.BICUBIC))
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
+def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of random size x size crops with horizontal flips; batch k depends only on (seed, k)."""
+    k = start
+    while True:
+        rng = np.random.default_rng([seed, k])
+        out = np.empty((batch, size, size, 3), np.uint8)
+        for i in range(batch):
+            image = images[rng.integers(len(images))]
+            top = rng.integers(image.shape[0] - size + 1)
+            left = rng.integers(image.shape[1] - size + 1)
+            crop = image[top : top + size, left : left + size]
+            out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
+        yield out
+        k += 1

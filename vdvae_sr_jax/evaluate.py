@@ -1,0 +1,62 @@
+"""Dataset-level evaluation of a VDVAE: the ELBO in nats and bits per dimension, and sample grids."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.data import normalize
+from vdvae_sr_jax.model import VDVAE
+
+
+@partial(jax.jit, static_argnums=0)
+def _per_image_elbo(model: VDVAE, params, inp, target, rng):
+    stats = model.apply({"params": params}, inp, target, rngs={"sample": rng})
+    return stats["distortion"] + stats["rate"]
+
+
+def bits_per_dim(model: VDVAE, params, batches: Iterable[np.ndarray], data, seed: int = 0) -> dict[str, float]:
+    """Mean negative ELBO over all images of uint8 `batches`, in nats/dim and bits/dim (non-finite ones excluded)."""
+    values = []
+    rng = jax.random.key(seed)
+    for k, batch in enumerate(batches):
+        inp, target = normalize(batch, data, model.low_bit)
+        values.append(np.asarray(_per_image_elbo(model, params, inp, target, jax.random.fold_in(rng, k))))
+    values = np.concatenate(values)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise FloatingPointError("every image gave a non-finite ELBO")
+    nats = float(finite.mean())
+    return {"nats_per_dim": nats, "bits_per_dim": nats / math.log(2.0), "n_images": int(values.size),
+            "n_nonfinite": int(values.size - finite.size)}
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def sample_images(model: VDVAE, params, n: int, temperature, rng) -> jax.Array:
+    """`n` uint8 images from the prior at `temperature` (one number or one per layer)."""
+    images = model.apply({"params": params}, n, temperature, rngs={"sample": rng}, method=VDVAE.sample)
+    return D.to_uint8(images)
+
+
+def save_grid(path, rows: list[np.ndarray], pad: int = 2) -> None:
+    """Writes rows of equally sized uint8 images [n, H, W, 3] as one PNG, with white gutters."""
+    n, h, w = max(len(r) for r in rows), rows[0].shape[1], rows[0].shape[2]
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[top : top + h, left : left + w] = image
+    Image.fromarray(grid).save(path)
+
+
+def temperature_grid(model: VDVAE, params, temperatures, n: int, seed: int) -> list[np.ndarray]:
+    """One row of `n` prior samples per temperature, all from the same seed."""
+    rng = jax.random.key(seed)
+    return [np.asarray(sample_images(model, params, n, jnp.float32(t), rng)) for t in temperatures]

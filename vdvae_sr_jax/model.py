@@ -1,0 +1,389 @@
+"""VDVAE in Flax, module for module as the official PyTorch code (openai/vdvae).
+
+Runs of identical blocks are applied with `nn.scan`, so their weights are stacked on a
+leading axis under one name, `enc_blocks_{first}_{last}` or `dec_blocks_{first}_{last}`;
+this keeps the jit of a 75-block decoder to seconds. Arrays are NHWC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.hparams import (
+    Run,
+    decoder_runs,
+    encoder_runs,
+    parse_layer_string,
+    parse_width_string,
+)
+
+Array = Any
+
+
+def gelu(x):
+    """The exact (erf) GELU that the official code uses, not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None):
+    """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias."""
+    init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        kernel_init=init,
+        bias_init=nn.initializers.zeros,
+        dtype=dtype,
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1)."""
+
+    middle_width: int
+    out_width: int
+    down_rate: int | None = None
+    residual: bool = False
+    use_3x3: bool = True
+    zero_last: bool = False
+    last_scale: float = 1.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        k = 3 if self.use_3x3 else 1
+        h = conv(self.middle_width, 1, "c1", dtype=self.dtype)(gelu(x))
+        h = conv(self.middle_width, k, "c2", dtype=self.dtype)(gelu(h))
+        h = conv(self.middle_width, k, "c3", dtype=self.dtype)(gelu(h))
+        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, dtype=self.dtype)(gelu(h))
+        out = x + h if self.residual else h
+        if self.down_rate is not None:
+            out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
+        return out
+
+
+def pad_channels(x, width: int):
+    """Zero-pads the channel axis up to `width`, where the encoder widens."""
+    if x.shape[-1] == width:
+        return x
+    if x.shape[-1] > width:
+        raise ValueError(f"cannot pad {x.shape[-1]} channels down to {width}: widths may only grow toward 1x1")
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])))
+
+
+def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1):
+    """Scans `fn(module, carry, xs, *broadcast)` over `length` blocks with stacked params and per-block rngs.
+
+    `unroll` > 1 unrolls that many blocks per loop iteration: XLA:CPU runs conv gradients inside a
+    loop ~10x slower than unrolled, so CPU configs unroll fully; GPUs and TPUs keep the fast compile.
+    """
+    return nn.scan(
+        fn,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "sample": True},
+        in_axes=(0,) + (nn.broadcast,) * n_xs_broadcast,
+        length=length,
+        unroll=unroll,
+    )
+
+
+class Encoder(nn.Module):
+    """Bottom-up encoder: `in_conv`, then `enc_blocks`; returns {resolution: last activation there}."""
+
+    width: int
+    enc_blocks: str
+    custom_width_str: str = ""
+    bottleneck_multiple: float = 0.25
+    scan_unroll: int = 1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x) -> dict[int, Array]:
+        widths = parse_width_string(self.width, self.custom_width_str)
+        blocks = parse_layer_string(self.enc_blocks)
+        x = conv(self.width, 3, "in_conv", dtype=self.dtype)(x)
+        activations = {x.shape[1]: x}
+        for run in encoder_runs(blocks):
+            w = widths[run.res]
+            block = Block(
+                int(w * self.bottleneck_multiple),
+                w,
+                down_rate=run.extra,
+                residual=True,
+                use_3x3=run.res > 2,
+                last_scale=math.sqrt(1.0 / len(blocks)),
+                dtype=self.dtype,
+                name=run.name,
+            )
+            if run.stacked:
+                x, _ = _scan(lambda m, c, _: (m(c), None), run.length, unroll=self.scan_unroll)(block, x, None)
+            else:
+                x = block(x)
+            res = x.shape[1]
+            x = pad_channels(x, widths[res])
+            activations[res] = x
+        return activations
+
+
+class DecBlock(nn.Module):
+    """Top-down block: posterior `enc`, `prior` (with a state residual), `z_proj`, `resnet`.
+
+    With `gated`, the block owns a per-channel `gate` (zero at init) and its input state becomes
+    `state + gate * cond` whenever a conditioning activation `cond` is given (VDVAE-SR).
+    """
+
+    res: int
+    width: int
+    zdim: int
+    bottleneck_multiple: float
+    n_blocks: int
+    gated: bool = False
+    dtype: Any = None
+
+    def setup(self):
+        use_3x3 = self.res > 2
+        mid = int(self.width * self.bottleneck_multiple)
+        scale = math.sqrt(1.0 / self.n_blocks)
+        self.enc = Block(mid, self.zdim * 2, use_3x3=use_3x3, dtype=self.dtype)
+        self.prior = Block(mid, self.zdim * 2 + self.width, use_3x3=use_3x3, zero_last=True, dtype=self.dtype)
+        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype)
+        self.resnet = Block(mid, self.width, residual=True, use_3x3=use_3x3, last_scale=scale, dtype=self.dtype)
+        if self.gated:
+            self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
+
+    def _prior(self, x):
+        feats = self.prior(x)
+        z = self.zdim
+        return feats[..., :z], feats[..., z : 2 * z], feats[..., 2 * z :]
+
+    def _condition(self, x, cond):
+        return x if cond is None else x + self.gate * cond
+
+    def _noise(self, step, like):
+        if "eps" in step:
+            return step["eps"]
+        return jax.random.normal(self.make_rng("sample"), like.shape, like.dtype)
+
+    def _finish(self, x, z, step):
+        z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
+        return self.resnet(x + self.z_proj(z)), z
+
+    def posterior(self, x, step, acts, cond):
+        """One block of the inference pass: z ~ q(z | x, acts); returns state, (z, KL summed over H, W, C)."""
+        x = self._condition(x, cond)
+        enc = self.enc(jnp.concatenate([x, acts], axis=-1))
+        qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
+        pm, pv, xpp = self._prior(x)
+        x = x + xpp
+        z = D.gaussian_sample(qm, qv, self._noise(step, qm))
+        kl = D.gaussian_kl(qm, pm, qv, pv)
+        x, z = self._finish(x, z, step)
+        return x, (z, kl.astype(jnp.float32).sum(axis=(1, 2, 3)))
+
+    def generate(self, x, step, cond):
+        """One block of the generative pass: z ~ p(z) at the step's temperature."""
+        x = self._condition(x, cond)
+        pm, pv, xpp = self._prior(x)
+        x = x + xpp
+        z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), self._noise(step, pm))
+        x, z = self._finish(x, z, step)
+        return x, z
+
+
+def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, latents, temperature, dtype) -> list[dict]:
+    """Stacks per-layer noise, latents (absent layers masked out) and temperatures for each run."""
+    n_layers = runs[-1].stop
+    latents = list(latents or [])
+    if len(latents) > n_layers:
+        raise ValueError(f"got latents for {len(latents)} layers, the decoder has {n_layers}")
+    if eps is not None and len(eps) != n_layers:
+        raise ValueError(f"got noise for {len(eps)} layers, the decoder has {n_layers}")
+    t = jnp.asarray(1.0 if temperature is None else temperature, jnp.float32)
+    if t.shape not in ((), (1,), (n_layers,)):
+        raise ValueError(f"temperature must be one number or one per layer ({n_layers}), got shape {t.shape}")
+    t = jnp.broadcast_to(t, (n_layers,))
+    latents += [None] * (n_layers - len(latents))
+    out = []
+    for run in runs:
+        shape = (n, run.res, run.res, zdim)
+        layers = range(run.start, run.stop)
+        step = {
+            "latent": jnp.stack([jnp.zeros(shape, dtype) if latents[i] is None else latents[i] for i in layers]),
+            "use_latent": jnp.asarray([latents[i] is not None for i in layers]),
+            "t": t[run.start : run.stop],
+        }
+        if eps is not None:
+            step["eps"] = jnp.stack([eps[i] for i in layers])
+        out.append(step)
+    return out
+
+
+class DmolNet(nn.Module):
+    """The 1x1 `out_conv` that maps the final state to DMoL logits."""
+
+    num_mixtures: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, px_z):
+        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype)(px_z)
+
+
+class Decoder(nn.Module):
+    """Top-down decoder: `bias_xs` start states, `dec_blocks`, final `gain`/`bias`, and `out_net`."""
+
+    width: int
+    zdim: int
+    dec_blocks: str
+    image_size: int
+    num_mixtures: int
+    custom_width_str: str = ""
+    bottleneck_multiple: float = 0.25
+    no_bias_above: int = 64
+    gated: bool = False
+    scan_unroll: int = 1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, activations, n: int, eps=None, latents=None, temperature=None, cond=None):
+        """Posterior pass when `activations` is given, else generation of `n` images from the prior.
+
+        Returns (px_z, DMoL logits, per-layer z list, per-layer KL [N, n_layers] or None).
+        """
+        widths = parse_width_string(self.width, self.custom_width_str)
+        blocks = parse_layer_string(self.dec_blocks)
+        runs = decoder_runs(blocks)
+        dtype = self.dtype or jnp.float32
+        resolutions = sorted({res for res, _ in blocks})
+        xs = {
+            res: jnp.broadcast_to(
+                self.param(f"bias_xs_{j}", nn.initializers.zeros, (1, res, res, widths[res])).astype(dtype),
+                (n, res, res, widths[res]),
+            )
+            for j, res in enumerate(r for r in resolutions if r <= self.no_bias_above)
+        }
+        cond = cond or {}
+        steps = _layer_inputs(runs, n, self.zdim, eps, latents, temperature, dtype)
+        zs, kls = [], []
+        for run, step in zip(runs, steps):
+            w = widths[run.res]
+            x = xs.get(run.res, jnp.zeros((n, run.res, run.res, w), dtype))
+            if run.extra is not None:
+                up = run.res // run.extra
+                x = x + jnp.repeat(jnp.repeat(xs[run.extra][..., :w], up, axis=1), up, axis=2)
+            block = DecBlock(
+                run.res, w, self.zdim, self.bottleneck_multiple, len(blocks), gated=self.gated, dtype=self.dtype,
+                name=run.name,
+            )
+            c = cond.get(run.res)
+            if activations is not None:
+                body = lambda m, x, s, a, c: m.posterior(x, s, a, c)  # noqa: E731
+                x, (z, kl) = _scan(body, run.length, 2, self.scan_unroll)(block, x, step, activations[run.res], c)
+                kls.append(kl)
+            else:
+                x, z = _scan(lambda m, x, s, c: m.generate(x, s, c), run.length, 1, self.scan_unroll)(block, x, step, c)
+            zs += list(z)
+            xs[run.res] = x
+        gain = self.param("gain", nn.initializers.ones, (1, 1, 1, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, self.width))
+        px_z = xs[self.image_size] * gain + bias
+        logits = DmolNet(self.num_mixtures, dtype=self.dtype, name="out_net")(px_z)
+        kl = jnp.concatenate(kls, axis=0).T if kls else None
+        return px_z, logits, zs, kl
+
+
+class VDVAE(nn.Module):
+    """The official VAE: `encoder` and `decoder`, with the ELBO in nats per dimension."""
+
+    width: int
+    zdim: int
+    enc_blocks: str
+    dec_blocks: str
+    image_size: int
+    num_mixtures: int
+    custom_width_str: str = ""
+    bottleneck_multiple: float = 0.25
+    no_bias_above: int = 64
+    low_bit: bool = False
+    scan_unroll: int = 1
+    dtype: Any = None
+
+    def setup(self):
+        self.encoder = Encoder(
+            self.width, self.enc_blocks, self.custom_width_str, self.bottleneck_multiple, self.scan_unroll, self.dtype
+        )
+        self.decoder = Decoder(
+            self.width, self.zdim, self.dec_blocks, self.image_size, self.num_mixtures, self.custom_width_str,
+            self.bottleneck_multiple, self.no_bias_above, scan_unroll=self.scan_unroll, dtype=self.dtype,
+        )
+
+    @property
+    def n_layers(self) -> int:
+        return len(parse_layer_string(self.dec_blocks))
+
+    def encode(self, x) -> dict[int, Array]:
+        """Bottom-up activations per resolution for normalised images x [N, H, W, C]."""
+        return self.encoder(x)
+
+    def __call__(self, x, target, eps=None, latents=None):
+        """Posterior pass: ELBO (a loss, nats/dim), distortion and rate [N], per-layer KL [N, L] and z.
+
+        `eps` (one array per layer) replaces the standard-normal noise; `latents` (a list, shorter
+        than the layer count or with None entries to leave layers sampled) replaces z itself.
+        """
+        return self._elbo(self.decoder, self.encoder(x), target, eps, latents, cond=None)
+
+    def _elbo(self, decoder, activations, target, eps, latents, cond):
+        n = target.shape[0]
+        px_z, logits, zs, kl = decoder(activations, n, eps=eps, latents=latents, cond=cond)
+        distortion = D.dmol_nll(target, logits.astype(jnp.float32), self.low_bit)
+        rate = kl.sum(axis=1) / np.prod(target.shape[1:])
+        return {
+            "elbo": (distortion + rate).mean(),
+            "distortion": distortion,
+            "rate": rate,
+            "kl": kl,
+            "z": zs,
+            "px_z": px_z,
+            "logits": logits,
+        }
+
+    def generate(self, n: int, temperature=None, latents=None, eps=None):
+        """Generative pass from the prior: (px_z, DMoL logits) for `n` images at a temperature."""
+        px_z, logits, _, _ = self.decoder(None, n, eps=eps, latents=latents, temperature=temperature)
+        return px_z, logits
+
+    def sample(self, n: int, temperature=None, latents=None):
+        """Images [n, H, W, 3] in [-1, 1] drawn from the prior and the DMoL (needs a 'sample' rng)."""
+        _, logits = self.generate(n, temperature, latents)
+        return D.dmol_sample(self.make_rng("sample"), logits.astype(jnp.float32))
+
+
+def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:
+    """A VDVAE from official hyperparameter names (a config's `model` or a fixture's hparams.json)."""
+    names = {f.name for f in dataclasses.fields(VDVAE)} - {"parent", "name"}
+    return VDVAE(**{k: v for k, v in {**hparams, **overrides}.items() if k in names})
+
+
+def model_from_config(config) -> VDVAE:
+    """The VDVAE a config file describes, with its compute dtype and scan unrolling."""
+    return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll)
+
+
+def init_params(model: VDVAE, rng=None):
+    """Freshly initialised params (official init) of a VDVAE; jitted with rolled scans, which give the same params."""
+    rng = jax.random.key(0) if rng is None else rng
+    x = jnp.zeros((1, model.image_size, model.image_size, 3))
+    rolled = model.clone(scan_unroll=1)
+    return jax.jit(lambda r: rolled.init({"params": r, "sample": r}, x, x)["params"])(rng)

@@ -1,0 +1,109 @@
+"""The official VDVAE update rule as one pure, jittable step.
+
+AdamW (beta2 0.9) after global-norm clipping at `grad_clip`, a linear warmup driven by the
+step counter, an EMA of the weights after every applied update, and gradient skipping: when
+the pre-clip norm is at or above `skip_threshold` (-1 disables) or anything is NaN/inf, the
+params, optimiser state and EMA stay bit-identical and `skipped` counts up, while the step
+(and so the warmup) still advances, as upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes; a pytree, so it checkpoints and shards as a whole."""
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    skipped: jax.Array
+    rng: jax.Array
+
+
+def warmup_schedule(train) -> optax.Schedule:
+    """lr * min(1, step / warmup_iters), upstream's LambdaLR."""
+    return optax.linear_schedule(0.0, train.lr, max(train.warmup_iters, 1))
+
+
+def make_optimizer(train) -> optax.GradientTransformation:
+    """Clip, then AdamW whose learning rate is injected each step from the global step counter."""
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=train.lr, b1=train.adam_beta1, b2=train.adam_beta2, eps=train.adam_eps, weight_decay=train.wd
+    )
+    return optax.chain(optax.clip_by_global_norm(train.grad_clip), adamw)
+
+
+def init_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh state whose EMA starts at the initial params."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree_util.tree_map(jnp.copy, params),
+        opt_state=tx.init(params),
+        skipped=jnp.zeros((), jnp.int32),
+        rng=rng,
+    )
+
+
+def _set_learning_rate(opt_state, lr):
+    clip_state, adam_state = opt_state
+    old = adam_state.hyperparams["learning_rate"]
+    hyperparams = dict(adam_state.hyperparams, learning_rate=jnp.asarray(lr, old.dtype))
+    return clip_state, adam_state._replace(hyperparams=hyperparams)
+
+
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]],
+    tx: optax.GradientTransformation,
+    train,
+) -> tuple[TrainState, dict]:
+    """One update; `loss_fn(params, batch, rng) -> (loss, metrics)`. Returns the new state and metrics."""
+    rng, step_rng = jax.random.split(state.rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+    grad_norm = optax.tree.norm(grads)
+    lr = warmup_schedule(train)(state.step)
+    opt_state = _set_learning_rate(state.opt_state, lr)
+    updates, new_opt_state = tx.update(grads, opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    new_ema = jax.tree_util.tree_map(
+        lambda e, p: e * train.ema_rate + p * (1.0 - train.ema_rate), state.ema_params, new_params
+    )
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    below = grad_norm < train.skip_threshold if train.skip_threshold >= 0 else True
+    apply = finite & below
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        ema_params=keep(new_ema, state.ema_params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        skipped=state.skipped + (1 - apply.astype(jnp.int32)),
+        rng=rng,
+    )
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, skipped_update=1 - apply.astype(jnp.int32))
+    return new_state, metrics
+
+
+def elbo_loss(model) -> Callable:
+    """The VDVAE training loss: the batch-mean ELBO (nats/dim), with mean distortion and rate as metrics."""
+
+    def loss_fn(params, batch, rng):
+        stats = model.apply({"params": params}, batch["input"], batch["target"], rngs={"sample": rng})
+        return stats["elbo"], {"distortion": stats["distortion"].mean(), "rate": stats["rate"].mean()}
+
+    return loss_fn
