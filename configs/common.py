@@ -3,22 +3,41 @@
 import ml_collections
 
 
-def vdvae_config(*, model: dict, data: dict, train: dict, checkpoint: str = "", official_checkpoint: str = ""):
-    """A config: `model` (architecture), `data` (normalisation), `train` (the update rule) and run settings."""
+def vdvae_config(
+    *, model: dict, data: dict, train: dict, init: dict | None = None, checkpoint: str = "",
+    official_checkpoint: str = "",
+):
+    """A config: `model` (architecture), `data` (images and normalisation), `train` (the update rule and loop),
+    `init` (converted checkpoints a training run starts from) and run settings."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(custom_width_str="", bottleneck_multiple=0.25, no_bias_above=64, low_bit=False) | model
     )
     config.data = ml_collections.ConfigDict(
-        dict(source="embedded", folder="", pixel_max=255.0, shift_loss=-127.5, scale_loss=1.0 / 127.5, eval_images=4)
+        dict(
+            source="embedded", folder="", val_folder="", tfds_name="div2k/bicubic_x4", tfds_train_split="train",
+            tfds_val_split="validation", preprocess="crops", downscale="matlab", pixel_max=255.0,
+            shift_loss=-127.5, scale_loss=1.0 / 127.5, eval_images=4,
+        )
         | data
     )
     config.train = ml_collections.ConfigDict(
         dict(
-            adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100,
-            steps=1000, log_every=50, sample_every=0, seed=0,
+            adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100, frozen=(),
+            steps=1000, steps_per_epoch=200, log_every=50, sample_every=0, checkpoint_every=1000,
+            keep_checkpoints=3, skip_warning_steps=500, seed=0,
         )
         | train
+    )
+    config.init = ml_collections.ConfigDict(
+        dict(
+            hr_checkpoint="", lr_encoder_checkpoint="",
+            hr_hint="convert the official checkpoint: python -m convert.vdvae --config=<its config> "
+            "--input=<file>.th --output=<dir>",
+            lr_hint="export an encoder: python -m convert.vdvae --config=<its config> --input=<file>.th "
+            "--output=<dir> --encoder_only",
+        )
+        | (init or {})
     )
     config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8))
     config.checkpoint = checkpoint

@@ -105,6 +105,18 @@ def convert_checkpoint(model, path: str, encoder_only: bool = False):
 
 
 
+def lr_encoder_state_dict(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The `encoder.*` entries of a VDVAE state dict, renamed `lr_encoder.*` for a VDVAE-SR model."""
+    return {"lr_" + k: v for k, v in strip_prefix(state_dict).items() if k.startswith("encoder.")}
+
+
+def convert_sr_checkpoints(model, hr_path: str, lr_path: str):
+    """Params of a VDVAESR from the thesis' two files: the gated HR model, and the LR model (encoder used)."""
+    template = jax.eval_shape(lambda: init_params(model))
+    state_dict = {**strip_prefix(load_state_dict(hr_path)), **lr_encoder_state_dict(load_state_dict(lr_path))}
+    return convert_state_dict(state_dict, template, source=f"{hr_path} + {lr_path}")
+
+
 def convert_to_orbax(config, source: str, output: str, encoder_only: bool = False):
     """Converts `source` for the model in `config` and writes it, with its config, to the new directory `output`."""
     model = model_from_hparams(config.model)

@@ -6,8 +6,8 @@ import re
 
 import jax
 import pytest
-
 from conftest import reference_dir
+
 from vdvae_sr_jax.model import model_from_config
 
 NAMES = ["cifar10", "imagenet32", "imagenet64", "ffhq256", "ffhq1024"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, load_reference, reference_dir
 
-from configs.demo import get_config
+from configs.demo_vdvae import get_config
 from convert.torch_reader import UnsafeCheckpointError, load_state_dict
 from convert.vdvae import convert_state_dict, convert_to_orbax, torch_keys
 from vdvae_sr_jax.checkpoint import load_params
@@ -97,7 +97,7 @@ def test_malicious_checkpoint_is_refused_and_writes_nothing(tmp_path):
 def test_cli_writes_a_checkpoint_that_reproduces_the_elbo(tmp_path):
     out = tmp_path / "tiny"
     source = reference_dir("vdvae_tiny") / "model.th"
-    subprocess.run([sys.executable, "-m", "convert.vdvae", "--config=configs/demo.py", f"--input={source}",
+    subprocess.run([sys.executable, "-m", "convert.vdvae", "--config=configs/demo_vdvae.py", f"--input={source}",
                     f"--output={out}"], cwd=ROOT, check=True, capture_output=True)
     params, metadata = load_params(out)
     assert metadata["source"] == str(source) and metadata["model"]["dec_blocks"] == get_config().model.dec_blocks

@@ -5,9 +5,9 @@ import logging
 import ml_collections
 import numpy as np
 import pytest
+from conftest import load_reference
 from PIL import Image
 
-from conftest import load_reference
 from vdvae_sr_jax import data
 
 

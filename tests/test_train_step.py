@@ -16,17 +16,17 @@ def _train_config(**overrides):
     )
 
 
-def _quadratic_loss(params, batch, rng):
+def _quadratic_loss(params, frozen, batch, rng):
     """A loss whose gradient norm is set by the batch, so a batch can make it explode."""
     del rng
-    loss = jnp.sum(batch["scale"] * (params["w"] - batch["target"]) ** 2)
+    loss = jnp.sum(batch["scale"] * (params["w"] - batch["target"]) ** 2) + frozen["c"]
     return loss, {}
 
 
 def _run(cfg, batches, w0):
     tx = train.make_optimizer(cfg)
     state = train.init_state({"w": jnp.asarray(w0)}, tx, jax.random.key(0))
-    step = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=_quadratic_loss, tx=tx, train=cfg))
+    step = jax.jit(lambda s, b: train.train_step(s, b, {"c": 1.0}, loss_fn=_quadratic_loss, tx=tx, train=cfg))
     out = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -80,3 +80,13 @@ def test_skip_threshold_minus_one_disables_skipping():
     batch = {"scale": np.float32(1e4), "target": np.zeros(3, np.float32)}
     ((state, metrics),) = _run(cfg, [batch], [1.0, -2.0, 0.5])
     assert int(state.skipped) == 0 and float(metrics["grad_norm"]) > 1e4
+
+
+def test_split_params_freezes_by_prefix_and_merges_back():
+    params = {"encoder": {"a": np.ones(2)}, "decoder": {"b": np.zeros(3), "gate": np.ones(1)}, "lr_encoder": {"c": 1}}
+    trainable, frozen = train.split_params(params, ["encoder"])
+    assert set(trainable) == {"decoder", "lr_encoder"} and set(frozen) == {"encoder"}
+    merged = train.merge_params(trainable, frozen)
+    assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
+    with pytest.raises(ValueError, match="freezes every parameter"):
+        train.split_params(params, ["encoder", "decoder", "lr_"])

@@ -1,10 +1,11 @@
-"""Model checkpoints with orbax: a params tree plus a JSON record of what model they belong to."""
+"""Orbax checkpoints: exported models (params plus a JSON record of their config) and training states."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import flax
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -39,3 +40,49 @@ def load_params(directory: str | Path) -> tuple[Any, dict[str, Any]]:
         args=ocp.args.Composite(params=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()),
     )
     return jax.tree_util.tree_map(np.asarray, restored.params), restored.metadata
+
+
+def graft(params, loaded, at: str, source: str):
+    """`params` with the subtree `at` replaced, leaf by leaf, by `loaded` (a subset of it); shapes must agree."""
+    flat = flax.traverse_util.flatten_dict(params)
+    errors = []
+    for path, value in flax.traverse_util.flatten_dict(loaded).items():
+        target = (at, *path)
+        if target not in flat:
+            errors.append(f"{'/'.join(path)} is not a parameter of {at}")
+        elif flat[target].shape != value.shape:
+            errors.append(f"{'/'.join(path)} has shape {value.shape}, {at} needs {flat[target].shape}")
+        else:
+            flat[target] = value
+    if errors:
+        raise ValueError(f"{source} does not fit {at}:\n  " + "\n  ".join(errors))
+    return flax.traverse_util.unflatten_dict(flat)
+
+
+class TrainCheckpoints:
+    """Training checkpoints: the last `keep` steps and the best by validation ELBO, written asynchronously."""
+
+    def __init__(self, directory: str | Path, keep: int):
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+            ocp.checkpoint_managers.LatestN(keep),
+            ocp.checkpoint_managers.BestN(get_metric_fn=lambda m: m["val_elbo"], reverse=True, n=1,
+                                          keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def save(self, step: int, state, val_elbo: float | None = None) -> None:
+        metrics = None if val_elbo is None else {"val_elbo": float(val_elbo)}
+        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+
+    def restore_latest(self, abstract_state):
+        """The newest saved state, placed like `abstract_state` (arrays or ShapeDtypeStructs); None if none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -68,13 +68,17 @@ def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.n
     return images
 
 
-def load_images(data, min_size: int) -> list[tuple[str, np.ndarray]]:
-    """The images a config's `data.source` names: 'embedded' or 'folder' (with `data.folder`)."""
+def load_images(data, min_size: int, split: str = "train") -> list[tuple[str, np.ndarray]]:
+    """The images a config's `data.source` names: 'embedded', 'folder' (`data.folder`, or `data.val_folder` for
+    the validation split) or 'tfds' (`data.tfds_name`)."""
     if data.source == "embedded":
         return embedded_photos()
     if data.source == "folder":
-        return folder_images(data.folder, min_size)
-    raise ValueError(f"unknown data.source {data.source!r}: use 'embedded' or 'folder'")
+        folder = data.folder if split == "train" or not data.get("val_folder") else data.val_folder
+        return folder_images(folder, min_size)
+    if data.source == "tfds":
+        return tfds_images(data.tfds_name, data.tfds_train_split if split == "train" else data.tfds_val_split)
+    raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -101,3 +105,61 @@ def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, sta
             out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
         yield out
         k += 1
+
+
+def downscale(hr_uint8: np.ndarray, factor: int, method: str) -> np.ndarray:
+    """LR images from HR: 'matlab' bicubic (the SR literature's) or 'pil' bicubic (what the thesis code used)."""
+    if method == "matlab":
+        from vdvae_sr_jax.resize import bicubic_downscale
+
+        return bicubic_downscale(hr_uint8, factor)
+    if method == "pil":
+        h, w = hr_uint8.shape[1] // factor, hr_uint8.shape[2] // factor
+        return np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BICUBIC)) for x in hr_uint8])
+    raise ValueError(f"unknown data.downscale {method!r}: use 'matlab' or 'pil'")
+
+
+def host_shard(images: list, process_index: int, process_count: int) -> list:
+    """This host's share of the images (every process_count-th one), so each host reads only its own."""
+    shard = images[process_index::process_count]
+    if not shard:
+        raise ValueError(f"host {process_index} of {process_count} got no images out of {len(images)}")
+    return shard
+
+
+def hr_batches(images: list[np.ndarray], size: int, batch: int, seed: int, mode: str, start: int = 0):
+    """Endless uint8 HR batches from step `start` on: 'thesis' picks whole-image centre crops, 'crops' random
+    crops with flips. Batch k depends only on (seed, k), so a resumed run sees the same data."""
+    if mode == "thesis":
+        crops = [center_crop(im, size) for im in images]
+        k = start
+        while True:
+            rng = np.random.default_rng([seed, k])
+            yield np.stack([crops[i] for i in rng.integers(len(crops), size=batch)])
+            k += 1
+    elif mode == "crops":
+        yield from random_crops(images, size, batch, seed, start)
+    else:
+        raise ValueError(f"unknown data.preprocess {mode!r}: use 'thesis' or 'crops'")
+
+
+def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None) -> dict[str, np.ndarray]:
+    """Normalised model inputs for uint8 HR images; with `lr_factor`, the LR input downscaled from them too."""
+    inp, target = normalize(hr_uint8, data, low_bit)
+    batch = {"input": inp, "target": target}
+    if lr_factor:
+        batch["lr_input"] = normalize(downscale(hr_uint8, lr_factor, data.downscale), data)[0]
+    return batch
+
+
+def tfds_images(name: str, split: str) -> list[tuple[str, np.ndarray]]:
+    """HR images of a TFDS dataset (e.g. 'div2k/bicubic_x4', whose 'hr' feature is used); needs tensorflow."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ImportError(
+            "data.source='tfds' needs TensorFlow Datasets: `pip install tensorflow tensorflow-datasets`, "
+            "or use data.source='folder' with data.folder pointing at the DIV2K_train_HR images"
+        ) from None
+    dataset = tfds.as_numpy(tfds.load(name, split=split))
+    return [(f"{name}/{split}/{i}", example["hr"]) for i, example in enumerate(dataset)]

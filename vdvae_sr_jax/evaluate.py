@@ -12,23 +12,41 @@ import numpy as np
 from PIL import Image
 
 from vdvae_sr_jax import distributions as D
-from vdvae_sr_jax.data import normalize
-from vdvae_sr_jax.model import VDVAE
+from vdvae_sr_jax.data import model_batch
+from vdvae_sr_jax.model import VDVAE, VDVAESR
+from vdvae_sr_jax.train import model_inputs
 
 
 @partial(jax.jit, static_argnums=0)
-def _per_image_elbo(model: VDVAE, params, inp, target, rng):
-    stats = model.apply({"params": params}, inp, target, rngs={"sample": rng})
+def _per_image_elbo(model: VDVAE, params, batch, rng):
+    stats = model.apply({"params": params}, *model_inputs(batch), rngs={"sample": rng})
     return stats["distortion"] + stats["rate"]
 
 
+def mean_elbo(model: VDVAE, params, make_batch, hr_uint8: np.ndarray, n_devices: int, seed: int) -> float:
+    """Mean per-image ELBO (nats/dim) of uint8 images, `n_devices` at a time; `make_batch` turns this host's
+    share of a global uint8 batch into sharded model inputs. The last batch is padded by repeating an image."""
+    n = len(hr_uint8)
+    padded = np.concatenate([hr_uint8, np.repeat(hr_uint8[-1:], -n % n_devices, axis=0)])
+    n_proc, index = jax.process_count(), jax.process_index()
+    local = n_devices // n_proc
+    values = []
+    for k, start in enumerate(range(0, len(padded), n_devices)):
+        chunk = padded[start : start + n_devices][index * local : (index + 1) * local]
+        rng = jax.random.fold_in(jax.random.key(seed), k)
+        values.append(np.asarray(jax.device_get(_per_image_elbo(model, params, make_batch(chunk), rng))))
+    return float(np.concatenate(values)[:n].mean())
+
+
 def bits_per_dim(model: VDVAE, params, batches: Iterable[np.ndarray], data, seed: int = 0) -> dict[str, float]:
-    """Mean negative ELBO over all images of uint8 `batches`, in nats/dim and bits/dim (non-finite ones excluded)."""
+    """Mean negative ELBO over all images of uint8 `batches`, in nats/dim and bits/dim (non-finite ones excluded);
+    for a VDVAESR, the conditional ELBO given the images' x4 bicubic downscales."""
     values = []
     rng = jax.random.key(seed)
+    lr_factor = model.image_size // model.lr_image_size if isinstance(model, VDVAESR) else None
     for k, batch in enumerate(batches):
-        inp, target = normalize(batch, data, model.low_bit)
-        values.append(np.asarray(_per_image_elbo(model, params, inp, target, jax.random.fold_in(rng, k))))
+        inputs = model_batch(batch, data, model.low_bit, lr_factor)
+        values.append(np.asarray(_per_image_elbo(model, params, inputs, jax.random.fold_in(rng, k))))
     values = np.concatenate(values)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
@@ -42,6 +60,13 @@ def bits_per_dim(model: VDVAE, params, batches: Iterable[np.ndarray], data, seed
 def sample_images(model: VDVAE, params, n: int, temperature, rng) -> jax.Array:
     """`n` uint8 images from the prior at `temperature` (one number or one per layer)."""
     images = model.apply({"params": params}, n, temperature, rngs={"sample": rng}, method=VDVAE.sample)
+    return D.to_uint8(images)
+
+
+@partial(jax.jit, static_argnums=0)
+def sr_sample(model: VDVAESR, params, lr_input, temperature, rng) -> jax.Array:
+    """uint8 SR images drawn from p(z | LR) at `temperature` for normalised LR inputs."""
+    images = model.apply({"params": params}, lr_input, temperature, rngs={"sample": rng}, method=VDVAESR.sample)
     return D.to_uint8(images)
 
 

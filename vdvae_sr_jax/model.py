@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -287,6 +287,11 @@ class Decoder(nn.Module):
                 name=run.name,
             )
             c = cond.get(run.res)
+            if c is not None and c.shape[-1] != w:
+                raise ValueError(
+                    f"conditioning activation at {run.res}x{run.res} has {c.shape[-1]} channels, the decoder "
+                    f"state there has {w}: the LR encoder's widths must match the HR decoder's"
+                )
             if activations is not None:
                 body = lambda m, x, s, a, c: m.posterior(x, s, a, c)  # noqa: E731
                 x, (z, kl) = _scan(body, run.length, 2, self.scan_unroll)(block, x, step, activations[run.res], c)
@@ -318,6 +323,7 @@ class VDVAE(nn.Module):
     low_bit: bool = False
     scan_unroll: int = 1
     dtype: Any = None
+    gated: ClassVar[bool] = False
 
     def setup(self):
         self.encoder = Encoder(
@@ -325,7 +331,7 @@ class VDVAE(nn.Module):
         )
         self.decoder = Decoder(
             self.width, self.zdim, self.dec_blocks, self.image_size, self.num_mixtures, self.custom_width_str,
-            self.bottleneck_multiple, self.no_bias_above, scan_unroll=self.scan_unroll, dtype=self.dtype,
+            self.bottleneck_multiple, self.no_bias_above, self.gated, self.scan_unroll, self.dtype,
         )
 
     @property
@@ -342,11 +348,11 @@ class VDVAE(nn.Module):
         `eps` (one array per layer) replaces the standard-normal noise; `latents` (a list, shorter
         than the layer count or with None entries to leave layers sampled) replaces z itself.
         """
-        return self._elbo(self.decoder, self.encoder(x), target, eps, latents, cond=None)
+        return self._elbo(self.encoder(x), target, eps, latents, cond=None)
 
-    def _elbo(self, decoder, activations, target, eps, latents, cond):
+    def _elbo(self, activations, target, eps, latents, cond):
         n = target.shape[0]
-        px_z, logits, zs, kl = decoder(activations, n, eps=eps, latents=latents, cond=cond)
+        px_z, logits, zs, kl = self.decoder(activations, n, eps=eps, latents=latents, cond=cond)
         distortion = D.dmol_nll(target, logits.astype(jnp.float32), self.low_bit)
         rate = kl.sum(axis=1) / np.prod(target.shape[1:])
         return {
@@ -370,10 +376,52 @@ class VDVAE(nn.Module):
         return D.dmol_sample(self.make_rng("sample"), logits.astype(jnp.float32))
 
 
+class VDVAESR(VDVAE):
+    """VDVAE-SR: the HR VDVAE plus an `lr_encoder` whose activation at each resolution r, times a per-block,
+    per-channel `gate` (zero at init), is added to the input state of every decoder block at r."""
+
+    lr_image_size: int = 0
+    lr_enc_blocks: str = ""
+    lr_width: int = 0
+    lr_custom_width_str: str = ""
+    gated: ClassVar[bool] = True
+
+    def setup(self):
+        super().setup()
+        if not (self.lr_image_size and self.lr_enc_blocks and self.lr_width):
+            raise ValueError("VDVAESR needs lr_image_size, lr_enc_blocks and lr_width for its LR encoder")
+        self.lr_encoder = Encoder(
+            self.lr_width, self.lr_enc_blocks, self.lr_custom_width_str, self.bottleneck_multiple, self.scan_unroll,
+            self.dtype,
+        )
+
+    def encode_lr(self, x_lr) -> dict[int, Array]:
+        """LR-encoder activations per resolution for normalised LR images."""
+        return self.lr_encoder(x_lr)
+
+    def __call__(self, x, target, x_lr, eps=None, latents=None):
+        """Conditional posterior pass: the ELBO with KL(q(z | x, y) || p(z | y)), as `VDVAE.__call__`."""
+        return self._elbo(self.encoder(x), target, eps, latents, cond=self.lr_encoder(x_lr))
+
+    def generate(self, x_lr, temperature=None, latents=None, eps=None):
+        """Conditional generation from p(z | y): (px_z, DMoL logits) for each LR image."""
+        cond = self.lr_encoder(x_lr)
+        px_z, logits, _, _ = self.decoder(None, x_lr.shape[0], eps=eps, latents=latents, temperature=temperature,
+                                          cond=cond)
+        return px_z, logits
+
+    def sample(self, x_lr, temperature=None, latents=None):
+        """SR images [N, H, W, 3] in [-1, 1] drawn from p(z | y) and the DMoL (needs a 'sample' rng)."""
+        _, logits = self.generate(x_lr, temperature, latents)
+        return D.dmol_sample(self.make_rng("sample"), logits.astype(jnp.float32))
+
+
 def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:
-    """A VDVAE from official hyperparameter names (a config's `model` or a fixture's hparams.json)."""
-    names = {f.name for f in dataclasses.fields(VDVAE)} - {"parent", "name"}
-    return VDVAE(**{k: v for k, v in {**hparams, **overrides}.items() if k in names})
+    """A VDVAE, or a VDVAESR if `lr_enc_blocks` is set, from official hyperparameter names."""
+    hparams = {**hparams, **overrides}
+    cls = VDVAESR if hparams.get("lr_enc_blocks") else VDVAE
+    names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    return cls(**{k: v for k, v in hparams.items() if k in names})
 
 
 def model_from_config(config) -> VDVAE:
@@ -385,5 +433,8 @@ def init_params(model: VDVAE, rng=None):
     """Freshly initialised params (official init) of a VDVAE; jitted with rolled scans, which give the same params."""
     rng = jax.random.key(0) if rng is None else rng
     x = jnp.zeros((1, model.image_size, model.image_size, 3))
+    inputs = (x, x)
+    if isinstance(model, VDVAESR):
+        inputs += (jnp.zeros((1, model.lr_image_size, model.lr_image_size, 3)),)
     rolled = model.clone(scan_unroll=1)
-    return jax.jit(lambda r: rolled.init({"params": r, "sample": r}, x, x)["params"])(rng)
+    return jax.jit(lambda r: rolled.init({"params": r, "sample": r}, *inputs)["params"])(rng)

@@ -26,7 +26,7 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     skipped: jax.Array
-    rng: jax.Array
+    rng: jax.Array  # raw key data (uint32), so the state checkpoints as plain arrays
 
 
 def warmup_schedule(train) -> optax.Schedule:
@@ -50,7 +50,7 @@ def init_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> Trai
         ema_params=jax.tree_util.tree_map(jnp.copy, params),
         opt_state=tx.init(params),
         skipped=jnp.zeros((), jnp.int32),
-        rng=rng,
+        rng=jax.random.key_data(rng),
     )
 
 
@@ -64,14 +64,18 @@ def _set_learning_rate(opt_state, lr):
 def train_step(
     state: TrainState,
     batch,
+    frozen,
     *,
-    loss_fn: Callable[[Any, Any, jax.Array], tuple[jax.Array, dict]],
+    loss_fn: Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]],
     tx: optax.GradientTransformation,
     train,
 ) -> tuple[TrainState, dict]:
-    """One update; `loss_fn(params, batch, rng) -> (loss, metrics)`. Returns the new state and metrics."""
-    rng, step_rng = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, step_rng)
+    """One update of the trainable params; `loss_fn(params, frozen, batch, rng) -> (loss, metrics)`.
+
+    `frozen` params (e.g. the HR encoder) are inputs only: no gradient, optimiser state or EMA is kept for them.
+    """
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_rng)
     grad_norm = optax.tree.norm(grads)
     lr = warmup_schedule(train)(state.step)
     opt_state = _set_learning_rate(state.opt_state, lr)
@@ -93,17 +97,42 @@ def train_step(
         ema_params=keep(new_ema, state.ema_params),
         opt_state=keep(new_opt_state, state.opt_state),
         skipped=state.skipped + (1 - apply.astype(jnp.int32)),
-        rng=rng,
+        rng=jax.random.key_data(rng),
     )
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, skipped_update=1 - apply.astype(jnp.int32))
     return new_state, metrics
 
 
-def elbo_loss(model) -> Callable:
-    """The VDVAE training loss: the batch-mean ELBO (nats/dim), with mean distortion and rate as metrics."""
+def merge_params(trainable, frozen):
+    """One params tree from the trainable and frozen parts (disjoint leaves of the same tree)."""
+    flat = flax.traverse_util.flatten_dict(frozen)
+    flat.update(flax.traverse_util.flatten_dict(trainable))
+    return flax.traverse_util.unflatten_dict(flat)
 
-    def loss_fn(params, batch, rng):
-        stats = model.apply({"params": params}, batch["input"], batch["target"], rngs={"sample": rng})
-        return stats["elbo"], {"distortion": stats["distortion"].mean(), "rate": stats["rate"].mean()}
+
+def split_params(params, frozen_prefixes) -> tuple[Any, Any]:
+    """(trainable, frozen): leaves whose '/'-joined path starts with any of `frozen_prefixes` are frozen."""
+    flat = flax.traverse_util.flatten_dict(params)
+    is_frozen = {path: any("/".join(path).startswith(p) for p in frozen_prefixes) for path in flat}
+    trainable = {path: x for path, x in flat.items() if not is_frozen[path]}
+    if not trainable:
+        raise ValueError(f"train.frozen={tuple(frozen_prefixes)} freezes every parameter")
+    frozen = {path: x for path, x in flat.items() if is_frozen[path]}
+    return flax.traverse_util.unflatten_dict(trainable), flax.traverse_util.unflatten_dict(frozen)
+
+
+def model_inputs(batch) -> tuple:
+    """The model's positional inputs: (input, target) plus the LR input for VDVAE-SR batches."""
+    return (batch["input"], batch["target"]) + ((batch["lr_input"],) if "lr_input" in batch else ())
+
+
+def elbo_loss(model) -> Callable:
+    """The (conditional) ELBO as a training loss, with distortion, rate and per-layer KL [L] as metrics."""
+
+    def loss_fn(params, frozen, batch, rng):
+        stats = model.apply({"params": merge_params(params, frozen)}, *model_inputs(batch), rngs={"sample": rng})
+        metrics = {"distortion": stats["distortion"].mean(), "rate": stats["rate"].mean(),
+                   "kl_per_layer": stats["kl"].mean(axis=0)}
+        return stats["elbo"], metrics
 
     return loss_fn

@@ -1,0 +1,219 @@
+"""The training loop for VDVAE and VDVAE-SR: a device mesh, one sharded jitted step, checkpoints and reports.
+
+The batch is split over a `data` mesh axis spanning every device of every host; params, EMA and
+optimiser state are replicated. The same code runs on one CPU, 8 GPUs or a TPU pod slice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from vdvae_sr_jax import checkpoint, data, evaluate, train
+from vdvae_sr_jax.hparams import parse_layer_string
+from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
+
+
+def initial_params(config, model):
+    """Official init, then the converted HR model and LR encoder that `config.init` names, if any."""
+    params = init_params(model, jax.random.key(config.train.seed))
+    hr_path, lr_path = config.init.get("hr_checkpoint", ""), config.init.get("lr_encoder_checkpoint", "")
+    if hr_path:
+        hr_params, _ = _load(hr_path, "the HR VDVAE", config.init.hr_hint)
+        for part in ("encoder", "decoder"):
+            params = checkpoint.graft(params, hr_params[part], part, hr_path)
+    if lr_path:
+        lr_params, _ = _load(lr_path, "the LR encoder", config.init.lr_hint)
+        params = checkpoint.graft(params, lr_params["encoder"], "lr_encoder", lr_path)
+    return params
+
+
+def _load(path: str, what: str, hint: str):
+    try:
+        return checkpoint.load_params(path)
+    except FileNotFoundError:
+        raise SystemExit(f"no checkpoint of {what} at {path}: {hint}") from None
+
+
+def _abstract_state(config, model):
+    """Shapes of the training state of `config` and its frozen params, without computing anything."""
+    trainable, frozen = train.split_params(jax.eval_shape(lambda: init_params(model)), config.train.frozen)
+    tx = train.make_optimizer(config.train)
+    return jax.eval_shape(lambda: train.init_state(trainable, tx, jax.random.key(0))), frozen
+
+
+def latest_ema_params(config, model, workdir: Path):
+    """EMA params (frozen ones included) of the newest checkpoint under `workdir`, or None if there is none."""
+    ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
+    state = ckpts.restore_latest(_abstract_state(config, model)[0])
+    ckpts.close()
+    if state is None:
+        return None
+    _, frozen = train.split_params(initial_params(config, model), config.train.frozen)
+    return train.merge_params(state.ema_params, frozen)
+
+
+def per_resolution_rate(kl_per_layer: np.ndarray, dec_blocks: str, n_dims: int) -> dict[str, float]:
+    """The rate (nats/dim) contributed by each resolution, from the mean KL per layer."""
+    rates: dict[str, float] = {}
+    for (res, _), kl in zip(parse_layer_string(dec_blocks), kl_per_layer):
+        rates[f"rate_{res}"] = rates.get(f"rate_{res}", 0.0) + float(kl) / n_dims
+    return rates
+
+
+class _Reporter:
+    """Writes metrics to JSONL and TensorBoard (tensorboardX, no TensorFlow needed)."""
+
+    def __init__(self, workdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = (workdir / "metrics.jsonl").open("a")
+        self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, record: dict) -> None:
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def run(config, workdir: Path) -> dict:
+    """Trains (resuming from `workdir` if it holds checkpoints) and returns the final validation result."""
+    model = model_from_config(config)
+    is_sr = isinstance(model, VDVAESR)
+    lr_factor = model.image_size // model.lr_image_size if is_sr else None
+    cfg, size = config.train, model.image_size
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    batch_size = cfg.batch_size_per_device * n_dev
+
+    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    trainable, frozen = train.split_params(initial_params(config, model), cfg.frozen)
+    tx = train.make_optimizer(cfg)
+    state = jax.device_put(train.init_state(trainable, tx, jax.random.key(cfg.seed + 1)), replicated)
+    frozen = jax.device_put(frozen, replicated)
+    ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints)
+    restored = ckpts.restore_latest(state)
+    if restored is not None:
+        state = restored
+        logging.info("resumed from step %d in %s", int(state.step), workdir)
+
+    step_fn = jax.jit(
+        partial(train.train_step, loss_fn=train.elbo_loss(model), tx=tx, train=cfg),
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    images = [im for _, im in data.load_images(config.data, size)]
+    local_images = data.host_shard(images, jax.process_index(), n_proc)
+    hr_iter = data.hr_batches(local_images, size, batch_size // n_proc, cfg.seed + jax.process_index(),
+                              config.data.preprocess, start=int(state.step))
+    val_hr = np.stack([data.center_crop(im, size) for im in images[: config.data.eval_images]])
+    n_dims = size * size * 3
+
+    def global_batch(hr_uint8):
+        local = data.model_batch(hr_uint8, config.data, model.low_bit, lr_factor)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+    def validate(ema_params) -> float:
+        params = train.merge_params(ema_params, frozen)
+        return evaluate.mean_elbo(model, params, global_batch, val_hr, n_dev, cfg.seed)
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
+    reporter = _Reporter(workdir)
+    start_step, first_elbo, last_elbo, val_elbo = int(state.step), None, None, None
+    watch = _SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
+    try:
+        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
+        timer = time.perf_counter()
+        for step in range(start_step + 1, cfg.steps + 1):
+            state, metrics = step_fn(state, global_batch(next(hr_iter)), frozen)
+            bar.update()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                fetched = jax.device_get(metrics)
+                seconds = (time.perf_counter() - timer) / cfg.log_every
+                timer = time.perf_counter()
+                record = {k: float(v) for k, v in fetched.items() if k != "kl_per_layer"}
+                record.update(per_resolution_rate(fetched["kl_per_layer"], model.dec_blocks, n_dims))
+                record.update(skipped_total=int(state.skipped), step_seconds=seconds,
+                              images_per_second=batch_size / seconds)
+                reporter.write(step, record)
+                first_elbo = record["loss"] if first_elbo is None else first_elbo
+                last_elbo = record["loss"]
+                bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
+                watch.update(record["skipped_total"], cfg.log_every, record["grad_norm"])
+            if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
+                val_elbo = validate(state.ema_params)
+                reporter.write(step, {"val_elbo": val_elbo})
+                ckpts.save(step, state, val_elbo)
+            elif step % cfg.checkpoint_every == 0:
+                ckpts.save(step, state)
+            if is_sr and cfg.sample_every and step % cfg.sample_every == 0:
+                write_sr_samples(config, model, train.merge_params(state.ema_params, frozen), val_hr,
+                                 workdir / f"samples_{step:07d}.png")
+            if stop["signal"] is not None:
+                ckpts.save(step, state)
+                logging.warning("stopped by signal %d at step %d; a checkpoint was saved", stop["signal"], step)
+                break
+        bar.close()
+    finally:
+        ckpts.close()
+        reporter.close()
+        signal.signal(signal.SIGTERM, previous)
+    return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": first_elbo,
+            "last_logged_elbo": last_elbo, "skipped_updates": int(state.skipped), "stopped": stop["signal"] is not None}
+
+
+class _SkipWatch:
+    """Warns after `limit` consecutive skipped updates: upstream runs have stalled for good this way."""
+
+    def __init__(self, threshold: float, limit: int, skipped: int):
+        self.threshold, self.limit, self.skipped = threshold, limit, skipped
+        self.in_a_row, self.norms = 0, []
+
+    def update(self, skipped_total: int, steps: int, grad_norm: float) -> None:
+        """Feeds the skip counter after `steps` more steps, and the latest measured gradient norm."""
+        all_skipped = skipped_total - self.skipped == steps
+        self.skipped = skipped_total
+        if not all_skipped:
+            self.in_a_row, self.norms = 0, []
+            return
+        self.in_a_row += steps
+        self.norms.append(round(grad_norm, 1))
+        if self.in_a_row >= self.limit:
+            logging.warning(
+                "the last %d updates were all skipped (gradient norms %s, skip_threshold=%s): if this persists, "
+                "raise --config.train.skip_threshold", self.in_a_row, self.norms[-5:], self.threshold)
+            self.in_a_row, self.norms = 0, []
+
+
+def write_sr_samples(config, model, params, hr_uint8: np.ndarray, path: Path) -> Path:
+    """A PNG with one row per image: LR (nearest x4) | bicubic | SR at each temperature | HR."""
+    from vdvae_sr_jax.resize import bicubic_upscale
+
+    factor = model.image_size // model.lr_image_size
+    lr = data.downscale(hr_uint8, factor, config.data.downscale)
+    lr_input = data.normalize(lr, config.data)[0]
+    columns = [np.repeat(np.repeat(lr, factor, 1), factor, 2), bicubic_upscale(lr, factor)]
+    for t in config.sample.temperatures:
+        columns.append(np.asarray(evaluate.sr_sample(model, params, lr_input, jnp.float32(t),
+                                                     jax.random.key(config.train.seed))))
+    columns.append(hr_uint8)
+    evaluate.save_grid(path, [np.stack(row) for row in zip(*columns)])
+    return path
