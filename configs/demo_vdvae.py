@@ -1,6 +1,7 @@
-"""A small VDVAE that trains on the photos shipped with scikit-image in a few minutes on a 2-core CPU.
+"""A small unconditional VDVAE that trains on the photos shipped with scikit-image on a 2-core CPU.
 
-Used by the README's first command and the tests: no download, real images, real numbers.
+Its architecture is that of the vdvae_tiny fixture, so the tests convert that checkpoint with it;
+`demo.py` adds an LR encoder to it.
 """
 
 from configs.common import vdvae_config

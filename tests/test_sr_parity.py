@@ -69,3 +69,15 @@ def test_zero_gates_reproduce_the_unconditional_model(case):
     uncond = model_from_hparams(hparams["hr"]).apply({"params": hr_only}, ref["hr_input"], ref["target"], eps=eps)
     np.testing.assert_array_equal(np.asarray(cond["elbo"]), np.asarray(uncond["elbo"]))
     assert abs(float(cond["elbo"]) - float(ref["elbo"])) > 1e-3  # the fixture's non-zero gates do matter
+
+
+def test_bfloat16_compute_stays_close_to_float32(case):
+    """Mixed precision: bf16 convs with fp32 params, KL and likelihood; the ELBO moves by well under 1%."""
+    model, params, hparams, ref = case
+    eps = [ref[f"eps_{i:03d}"] for i in range(hparams["n_layers"])]
+    inputs = (ref["hr_input"], ref["target"], ref["lr_input"])
+    full = model.apply({"params": params}, *inputs, eps=eps)
+    half = model.clone(dtype=jax.numpy.bfloat16).apply({"params": params}, *inputs, eps=eps)
+    assert half["kl"].dtype == np.float32 and half["logits"].dtype == jax.numpy.bfloat16
+    assert abs(float(half["elbo"]) - float(full["elbo"])) < 5e-3 * abs(float(full["elbo"]))
+    assert float(half["elbo"]) != float(full["elbo"])

@@ -163,12 +163,13 @@ class DecBlock(nn.Module):
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
     def _prior(self, x):
+        """Prior mean and log-std (in float32, where the KL and sampling maths run) and the state residual."""
         feats = self.prior(x)
         z = self.zdim
-        return feats[..., :z], feats[..., z : 2 * z], feats[..., 2 * z :]
+        return feats[..., :z].astype(jnp.float32), feats[..., z : 2 * z].astype(jnp.float32), feats[..., 2 * z :]
 
     def _condition(self, x, cond):
-        return x if cond is None else x + self.gate * cond
+        return x if cond is None else x + (self.gate * cond).astype(x.dtype)
 
     def _noise(self, step, like):
         if "eps" in step:
@@ -177,19 +178,19 @@ class DecBlock(nn.Module):
 
     def _finish(self, x, z, step):
         z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
-        return self.resnet(x + self.z_proj(z)), z
+        return self.resnet(x + self.z_proj(z).astype(x.dtype)), z
 
     def posterior(self, x, step, acts, cond):
         """One block of the inference pass: z ~ q(z | x, acts); returns state, (z, KL summed over H, W, C)."""
         x = self._condition(x, cond)
-        enc = self.enc(jnp.concatenate([x, acts], axis=-1))
+        enc = self.enc(jnp.concatenate([x, acts.astype(x.dtype)], axis=-1)).astype(jnp.float32)
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
         pm, pv, xpp = self._prior(x)
         x = x + xpp
         z = D.gaussian_sample(qm, qv, self._noise(step, qm))
         kl = D.gaussian_kl(qm, pm, qv, pv)
         x, z = self._finish(x, z, step)
-        return x, (z, kl.astype(jnp.float32).sum(axis=(1, 2, 3)))
+        return x, (z, kl.sum(axis=(1, 2, 3)))
 
     def generate(self, x, step, cond):
         """One block of the generative pass: z ~ p(z) at the step's temperature."""

@@ -46,17 +46,17 @@ def _load(path: str, what: str, hint: str):
         raise SystemExit(f"no checkpoint of {what} at {path}: {hint}") from None
 
 
-def _abstract_state(config, model):
+def abstract_state(config, model):
     """Shapes of the training state of `config` and its frozen params, without computing anything."""
     trainable, frozen = train.split_params(jax.eval_shape(lambda: init_params(model)), config.train.frozen)
     tx = train.make_optimizer(config.train)
-    return jax.eval_shape(lambda: train.init_state(trainable, tx, jax.random.key(0))), frozen
+    return jax.eval_shape(lambda p: train.init_state(p, tx, jax.random.key(0)), trainable), frozen
 
 
 def latest_ema_params(config, model, workdir: Path):
     """EMA params (frozen ones included) of the newest checkpoint under `workdir`, or None if there is none."""
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
-    state = ckpts.restore_latest(_abstract_state(config, model)[0])
+    state = ckpts.restore_latest(abstract_state(config, model)[0])
     ckpts.close()
     if state is None:
         return None
