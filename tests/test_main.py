@@ -16,7 +16,7 @@ def test_sr_demo_trains_and_writes_outputs(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.steps=40", "--config.train.log_every=10", "--config.train.steps_per_epoch=20",
-         "--config.train.sample_every=40", "--config.data.eval_images=4"],
+         "--config.train.sample_every=40", "--config.data.eval_images=4", "--config.scan_unroll=1"],
         cwd=ROOT, check=True, capture_output=True,
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -34,7 +34,8 @@ def test_sr_demo_trains_and_writes_outputs(tmp_path):
 
 def test_vdvae_demo_evaluates_and_samples_its_checkpoint(tmp_path):
     common = [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo_vdvae.py", f"--workdir={tmp_path}",
-              "--config.train.steps=10", "--config.train.log_every=5", "--config.sample.num=4"]
+              "--config.train.steps=10", "--config.train.log_every=5", "--config.sample.num=4",
+              "--config.scan_unroll=1"]
     for mode in ("train", "evaluate", "sample"):
         subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True)
     result = json.loads((tmp_path / "evaluate_result.json").read_text())
