@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -37,3 +38,12 @@ def assert_close(actual, expected, rtol=1e-4, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     err = np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-12)
     assert err < rtol, f"{what}: relative error {err:.3g} >= {rtol}"
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for test subprocesses: a JAX compilation cache shared by this session's runs of the same
+    programs (XLA:CPU compiles dominate their time; a cached executable computes the same numbers)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")

@@ -94,11 +94,11 @@ def test_malicious_checkpoint_is_refused_and_writes_nothing(tmp_path):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_cli_writes_a_checkpoint_that_reproduces_the_elbo(tmp_path):
+def test_cli_writes_a_checkpoint_that_reproduces_the_elbo(tmp_path, subprocess_env):
     out = tmp_path / "tiny"
     source = reference_dir("vdvae_tiny") / "model.th"
     subprocess.run([sys.executable, "-m", "convert.vdvae", "--config=configs/demo_vdvae.py", f"--input={source}",
-                    f"--output={out}"], cwd=ROOT, check=True, capture_output=True)
+                    f"--output={out}"], cwd=ROOT, check=True, capture_output=True, env=subprocess_env)
     params, metadata = load_params(out)
     assert metadata["source"] == str(source) and metadata["model"]["dec_blocks"] == get_config().model.dec_blocks
     hparams, ref = load_reference("vdvae_tiny")

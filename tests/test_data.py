@@ -62,3 +62,10 @@ def test_center_crop_and_random_crops_are_deterministic():
     c = next(data.random_crops([image], 32, 4, seed=3, start=1))
     np.testing.assert_array_equal(a, b)
     assert a.shape == (4, 32, 32, 3) and not np.array_equal(a, c)
+
+
+def test_tfds_without_tensorflow_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "tensorflow_datasets", None)
+    cfg = ml_collections.ConfigDict(dict(source="tfds", tfds_name="div2k/bicubic_x4", tfds_train_split="train"))
+    with pytest.raises(ImportError, match="pip install tensorflow tensorflow-datasets"):
+        data.load_images(cfg, 64)

@@ -12,12 +12,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sr_demo_trains_and_writes_outputs(tmp_path):
+def test_sr_demo_trains_and_writes_outputs(tmp_path, subprocess_env):
     subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.steps=40", "--config.train.log_every=10", "--config.train.steps_per_epoch=20",
          "--config.train.sample_every=40", "--config.data.eval_images=4", "--config.scan_unroll=1"],
-        cwd=ROOT, check=True, capture_output=True,
+        cwd=ROOT, check=True, capture_output=True, env=subprocess_env,
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
@@ -32,12 +32,12 @@ def test_sr_demo_trains_and_writes_outputs(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_vdvae_demo_evaluates_and_samples_its_checkpoint(tmp_path):
+def test_vdvae_demo_evaluates_and_samples_its_checkpoint(tmp_path, subprocess_env):
     common = [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo_vdvae.py", f"--workdir={tmp_path}",
               "--config.train.steps=10", "--config.train.log_every=5", "--config.sample.num=4",
               "--config.scan_unroll=1"]
     for mode in ("train", "evaluate", "sample"):
-        subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True)
+        subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True, env=subprocess_env)
     result = json.loads((tmp_path / "evaluate_result.json").read_text())
     assert 2 < result["bits_per_dim"] < 12 and result["n_images"] == 4
     grid = np.asarray(Image.open(tmp_path / "samples.png"))

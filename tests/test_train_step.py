@@ -90,3 +90,20 @@ def test_split_params_freezes_by_prefix_and_merges_back():
     assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(params)
     with pytest.raises(ValueError, match="freezes every parameter"):
         train.split_params(params, ["encoder", "decoder", "lr_"])
+
+
+def test_a_long_run_of_skips_is_reported_with_norms_and_threshold(caplog):
+    from vdvae_sr_jax.trainer import SkipWatch
+
+    watch = SkipWatch(threshold=400.0, limit=30, skipped=5)
+    with caplog.at_level("WARNING"):
+        watch.update(skipped_total=15, steps=10, grad_norm=812.3)
+        watch.update(skipped_total=24, steps=10, grad_norm=900.0)  # one update applied: the run restarts
+        watch.update(skipped_total=34, steps=10, grad_norm=950.1)
+        watch.update(skipped_total=44, steps=10, grad_norm=990.0)
+        assert not caplog.records
+        watch.update(skipped_total=54, steps=10, grad_norm=1001.0)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "last 30 updates were all skipped" in message and "[950.1, 990.0, 1001.0]" in message
+    assert "skip_threshold=400.0" in message

@@ -1,7 +1,6 @@
 """The training system end to end, in subprocesses: 4 fake devices against 1, and resuming after a kill."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,8 @@ import numpy as np
 SCRIPT = Path(__file__).resolve().parent / "tiny_training.py"
 
 
-def _start(workdir, steps, per_device, devices=1, checkpoint_every=1000):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+def _start(env, workdir, steps, per_device, devices=1, checkpoint_every=1000):
+    env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     args = [sys.executable, str(SCRIPT), str(workdir), str(steps), str(per_device), str(checkpoint_every)]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -39,8 +38,9 @@ def _wait_for_step(workdir: Path, step: int, process) -> None:
     raise AssertionError(f"training never reached step {step}")
 
 
-def test_four_devices_give_the_same_params_as_one(tmp_path):
-    one, four = _start(tmp_path / "one", 3, 8, devices=1), _start(tmp_path / "four", 3, 2, devices=4)
+def test_four_devices_give_the_same_params_as_one(tmp_path, subprocess_env):
+    one = _start(subprocess_env, tmp_path / "one", 3, 8, devices=1)
+    four = _start(subprocess_env, tmp_path / "four", 3, 2, devices=4)
     _finish(one)
     _finish(four)
     a, b = _final(tmp_path / "one"), _final(tmp_path / "four")
@@ -56,23 +56,23 @@ def test_four_devices_give_the_same_params_as_one(tmp_path):
     assert gates["0_0"] > 0 and gates["1_1"] > 0 and gates["2_3"] == 0 and gates["4_5"] == 0
 
 
-def test_killed_run_resumes_to_identical_params(tmp_path):
-    straight = _start(tmp_path / "straight", 6, 4, checkpoint_every=1)
+def test_killed_run_resumes_to_identical_params(tmp_path, subprocess_env):
+    straight = _start(subprocess_env, tmp_path / "straight", 6, 8, checkpoint_every=1)
     _finish(straight)
-    killed = _start(tmp_path / "resumed", 6, 4, checkpoint_every=1)
+    killed = _start(subprocess_env, tmp_path / "resumed", 6, 8, checkpoint_every=1)
     _wait_for_step(tmp_path / "resumed", 3, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "resumed" / "final.npz").exists()
-    _finish(_start(tmp_path / "resumed", 6, 4, checkpoint_every=1))
+    _finish(_start(subprocess_env, tmp_path / "resumed", 6, 8, checkpoint_every=1))
     a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
     assert int(a["step"]) == int(b["step"]) == 6
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_sigterm_saves_and_stops(tmp_path):
-    process = _start(tmp_path, 500, 2)
+def test_sigterm_saves_and_stops(tmp_path, subprocess_env):
+    process = _start(subprocess_env, tmp_path, 500, 8)
     _wait_for_step(tmp_path, 2, process)
     process.send_signal(signal.SIGTERM)
     _finish(process)

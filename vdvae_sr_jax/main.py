@@ -54,7 +54,10 @@ def main(argv) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     model = model_from_config(config)
     if _MODE.value == "train":
-        result = trainer.run(config, workdir)
+        try:
+            result = trainer.run(config, workdir)
+        except (FileNotFoundError, ImportError) as error:  # a missing dataset or optional extra: one clear line
+            raise SystemExit(str(error)) from None
     else:
         forward_model = model.clone(scan_unroll=1)  # unrolling only speeds up gradients on CPU
         params = trained_params(config, model, workdir)

@@ -123,7 +123,9 @@ def run(config, workdir: Path) -> dict:
     local_images = data.host_shard(images, jax.process_index(), n_proc)
     hr_iter = data.hr_batches(local_images, size, batch_size // n_proc, cfg.seed + jax.process_index(),
                               config.data.preprocess, start=int(state.step))
-    val_hr = np.stack([data.center_crop(im, size) for im in images[: config.data.eval_images]])
+    separate_val = config.data.source == "tfds" or config.data.get("val_folder")
+    val_images = [im for _, im in data.load_images(config.data, size, "validation")] if separate_val else images
+    val_hr = np.stack([data.center_crop(im, size) for im in val_images[: config.data.eval_images]])
     n_dims = size * size * 3
 
     def global_batch(hr_uint8):
@@ -140,7 +142,7 @@ def run(config, workdir: Path) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
     reporter = _Reporter(workdir)
     start_step, first_elbo, last_elbo, val_elbo = int(state.step), None, None, None
-    watch = _SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
+    watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
         timer = time.perf_counter()
@@ -160,17 +162,21 @@ def run(config, workdir: Path) -> dict:
                 last_elbo = record["loss"]
                 bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
                 watch.update(record["skipped_total"], cfg.log_every, record["grad_norm"])
+            saved = True
             if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
                 val_elbo = validate(state.ema_params)
                 reporter.write(step, {"val_elbo": val_elbo})
                 ckpts.save(step, state, val_elbo)
             elif step % cfg.checkpoint_every == 0:
                 ckpts.save(step, state)
+            else:
+                saved = False
             if is_sr and cfg.sample_every and step % cfg.sample_every == 0:
                 write_sr_samples(config, forward_model, train.merge_params(state.ema_params, frozen), val_hr,
                                  workdir / f"samples_{step:07d}.png")
             if stop["signal"] is not None:
-                ckpts.save(step, state)
+                if not saved:
+                    ckpts.save(step, state)
                 logging.warning("stopped by signal %d at step %d; a checkpoint was saved", stop["signal"], step)
                 break
         bar.close()
@@ -182,7 +188,7 @@ def run(config, workdir: Path) -> dict:
             "last_logged_elbo": last_elbo, "skipped_updates": int(state.skipped), "stopped": stop["signal"] is not None}
 
 
-class _SkipWatch:
+class SkipWatch:
     """Warns after `limit` consecutive skipped updates: upstream runs have stalled for good this way."""
 
     def __init__(self, threshold: float, limit: int, skipped: int):
