@@ -47,3 +47,14 @@ def subprocess_env(tmp_path_factory) -> dict[str, str]:
     cache = tmp_path_factory.mktemp("jax_cache")
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+
+
+def assert_posterior_matches(out: dict, ref: dict, n_layers: int) -> None:
+    """A posterior pass given the fixture's noise against the fixture: z, KL, px_z, logits, distortion, rate, ELBO."""
+    for i in range(n_layers):
+        assert_close(out["z"][i], ref[f"z_{i:03d}"], 1e-5, f"z_{i}")
+    assert_close(out["kl"], ref["kl"], 1e-4, "kl")
+    assert_close(out["px_z"], ref["px_z"], 1e-4, "px_z")
+    assert_close(out["logits"], ref["dmol_logits"], 1e-4, "dmol_logits")
+    for key in ("distortion", "rate", "elbo"):
+        assert_close(out[key], ref[key], 1e-4, key)
