@@ -39,9 +39,22 @@ def vdvae_config(
         )
         | (init or {})
     )
-    config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8))
+    config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8, injection_rows=6))
+    # --mode=upscale: temperature is one number or one per layer; overlap is in LR pixels.
+    config.upscale = ml_collections.ConfigDict(
+        dict(temperature=0.1, num_samples=1, seed=0, overlap=2, batch_per_device=8, std_map=False)
+    )
+    # --mode=evaluate of a VDVAE-SR: the SR benchmark protocol. external: "NAME=FOLDER,..." of other models'
+    # outputs; lpips_* and fid_inception: weight files (empty: the torch hub cache and the lpips package).
+    config.evaluate = ml_collections.ConfigDict(
+        dict(
+            temperatures=(0.1, 0.6, 1.0), num_samples=2, protocols=("whole", "thesis"), max_images=0,
+            external="", lpips_backbone="", lpips_lin="", fid_inception="", figures=True,
+        )
+    )
     config.checkpoint = checkpoint
     config.official_checkpoint = official_checkpoint
     config.compute_dtype = "float32"
     config.scan_unroll = 1  # blocks unrolled per scan step; CPU runs unrolled gradients ~10x faster
+    config.remat = False  # recompute each top-down block's activations in the backward pass, to fit bigger batches
     return config

@@ -31,5 +31,6 @@ def get_config():
         log_every=50,
         frozen=("encoder",),
     )
+    config.upscale.overlap = 16  # a quarter of the 64-pixel LR tile
     config.init.update(hr_checkpoint="checkpoints/ffhq256", lr_encoder_checkpoint="checkpoints/imagenet64_encoder")
     return config

@@ -91,6 +91,12 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
+def validation_crops(data, size: int, n: int) -> np.ndarray:
+    """uint8 centre crops [n, size, size, 3] of the first `n` validation images: what validation ELBOs and sample
+    grids are computed on."""
+    return np.stack([center_crop(im, size) for _, im in load_images(data, size, "validation")[:n]])
+
+
 def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
     """Endless batches of random size x size crops with horizontal flips; batch k depends only on (seed, k)."""
     k = start

@@ -85,3 +85,30 @@ def temperature_grid(model: VDVAE, params, temperatures, n: int, seed: int) -> l
     """One row of `n` prior samples per temperature, all from the same seed."""
     rng = jax.random.key(seed)
     return [np.asarray(sample_images(model, params, n, jnp.float32(t), rng)) for t in temperatures]
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _inject_latents(model: VDVAE, params, batch, k: int, temperature, rng) -> jax.Array:
+    """uint8 images whose first `k` latents come from the posterior of `batch` and the rest from the prior."""
+    posterior_rng, prior_rng = jax.random.split(rng)
+    stats = model.apply({"params": params}, *model_inputs(batch), rngs={"sample": posterior_rng})
+    images = model.apply({"params": params}, batch["input"].shape[0], temperature, latents=list(stats["z"][:k]),
+                         rngs={"sample": prior_rng}, method=VDVAE.sample)
+    return D.to_uint8(images)
+
+
+def latent_injection_grid(model: VDVAE, params, hr_uint8: np.ndarray, data, layer_counts, temperature: float,
+                          seed: int) -> list[np.ndarray]:
+    """Upstream's latent-injection figure: one row per k in `layer_counts` (images from the first k posterior
+    latents of `hr_uint8` and the rest from the prior at `temperature`), then the originals."""
+    batch = model_batch(hr_uint8, data, model.low_bit, None)
+    rng = jax.random.key(seed)
+    rows = [np.asarray(_inject_latents(model, params, batch, int(k), jnp.float32(temperature), rng))
+            for k in layer_counts]
+    return rows + [hr_uint8]
+
+
+def injection_layer_counts(n_layers: int, n_rows: int) -> list[int]:
+    """Up to `n_rows` latent counts from 0 (all from the prior) to all layers, spaced geometrically: the first
+    layers fix the most of an image."""
+    return sorted({0} | {round(n_layers ** (i / (n_rows - 2))) for i in range(n_rows - 1)})

@@ -5,7 +5,11 @@
     python -m vdvae_sr_jax.main --config=configs/vdvae_imagenet64.py --config.checkpoint=checkpoints/imagenet64 \
         --mode=evaluate --config.data.source=folder --config.data.folder=/data/imagenet64/val
 
-Rerunning `train` with the same workdir resumes from its latest checkpoint.
+    python -m vdvae_sr_jax.main --config=configs/sr64.py --workdir=runs/sr64 --mode=upscale \
+        --input="photos/*.jpg" --output=photos_x4 --config.upscale.temperature=0.3
+
+Rerunning `train` with the same workdir resumes from its latest checkpoint. `evaluate`, `sample` and
+`upscale` use the newest checkpoint in the workdir, else `config.checkpoint` (a converted model).
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdvae_sr_jax import checkpoint, data, evaluate, trainer
+from vdvae_sr_jax import checkpoint, data, evaluate, sr_eval, trainer, upscale
 from vdvae_sr_jax.model import VDVAESR, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file in configs/.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, metrics and samples go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "upscale"], "What to run.")
+_INPUT = flags.DEFINE_string("input", None, "upscale: an image file, a folder or a glob pattern.")
+_OUTPUT = flags.DEFINE_string("output", None, "upscale: the folder for the outputs (never overwrites an input).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
 
 
@@ -40,10 +46,44 @@ def trained_params(config, model, workdir: Path):
     return checkpoint.load_params(config.checkpoint)[0]
 
 
-def eval_images(config) -> np.ndarray:
-    """Centre crops at the model size of the first `data.eval_images` validation images."""
+def evaluation_images(config) -> list[tuple[str, np.ndarray]]:
+    """(name, uint8 HR image) of the validation images, the first `evaluate.max_images` of them if that is set."""
     images = data.load_images(config.data, config.model.image_size, split="validation")
-    return np.stack([data.center_crop(im, config.model.image_size) for _, im in images[: config.data.eval_images]])
+    return images[: config.evaluate.max_images or None]
+
+
+def evaluate_model(config, model, params, workdir: Path) -> dict:
+    """A VDVAE-SR: the SR benchmark tables. A VDVAE: the bits per dim of the validation images."""
+    images = evaluation_images(config)
+    if isinstance(model, VDVAESR):
+        return sr_eval.evaluate_sr(config, model, params, images, workdir / "evaluation")
+    crops = np.stack([data.center_crop(im, model.image_size) for _, im in images])
+    batch = config.train.batch_size_per_device
+    return evaluate.bits_per_dim(model, params, [crops[i : i + batch] for i in range(0, len(crops), batch)],
+                                 config.data)
+
+
+def sample_model(config, model, params, workdir: Path) -> dict:
+    """A VDVAE-SR: LR | bicubic | SR | HR rows. A VDVAE: prior samples per temperature, and latent injection."""
+    hr = data.validation_crops(config.data, model.image_size, config.data.eval_images)
+    if isinstance(model, VDVAESR):
+        return {"samples": str(trainer.write_sr_samples(config, model, params, hr, workdir / "samples.png"))}
+    rows = evaluate.temperature_grid(model, params, config.sample.temperatures, config.sample.num, config.train.seed)
+    evaluate.save_grid(workdir / "samples.png", rows)
+    counts = evaluate.injection_layer_counts(model.n_layers, config.sample.injection_rows)
+    rows = evaluate.latent_injection_grid(model, params, hr, config.data, counts, config.sample.temperatures[-1],
+                                          config.train.seed)
+    evaluate.save_grid(workdir / "latent_injection.png", rows)
+    return {"samples": str(workdir / "samples.png"), "latent_injection": str(workdir / "latent_injection.png"),
+            "injected_layers": counts}
+
+
+def upscale_images(config, model, params) -> dict:
+    """Super-resolves `--input` into `--output`."""
+    if not _INPUT.value or not _OUTPUT.value:
+        raise SystemExit("--mode=upscale needs --input (a file, folder or glob) and --output (a folder)")
+    upscaler = upscale.Upscaler(model, params, config.data, upscale.Settings.from_config(config.upscale))
+    return upscale.upscale_files(upscaler, _INPUT.value, _OUTPUT.value)
 
 
 def main(argv) -> None:
@@ -61,17 +101,14 @@ def main(argv) -> None:
     else:
         forward_model = model.clone(scan_unroll=1)  # unrolling only speeds up gradients on CPU
         params = trained_params(config, model, workdir)
-        hr = eval_images(config)
-        if _MODE.value == "evaluate":
-            result = evaluate.bits_per_dim(forward_model, params, [hr], config.data)
-        elif isinstance(model, VDVAESR):
-            path = trainer.write_sr_samples(config, forward_model, params, hr, workdir / "samples.png")
-            result = {"samples": str(path)}
-        else:
-            rows = evaluate.temperature_grid(forward_model, params, config.sample.temperatures, config.sample.num,
-                                             config.train.seed)
-            evaluate.save_grid(workdir / "samples.png", rows)
-            result = {"samples": str(workdir / "samples.png")}
+        run_mode = {"evaluate": evaluate_model, "sample": sample_model}.get(_MODE.value)
+        try:
+            if run_mode is not None:
+                result = run_mode(config, forward_model, params, workdir)
+            else:
+                result = upscale_images(config, forward_model, params)
+        except (FileNotFoundError, ImportError) as error:  # a missing file, folder or extra: one clear line
+            raise SystemExit(str(error)) from None
     (workdir / f"{_MODE.value}_result.json").write_text(json.dumps(result, indent=1))
     logging.info("%s", result)
     print(json.dumps(result, indent=1))

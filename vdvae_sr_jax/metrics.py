@@ -1,4 +1,5 @@
-"""Image metrics with the SR literature's conventions: PSNR on the BT.601 luma channel with a cropped border."""
+"""Image metrics with the SR literature's conventions: PSNR and SSIM on the BT.601 luma channel with a cropped
+border, LR consistency, and the diversity of samples."""
 
 from __future__ import annotations
 
@@ -18,3 +19,35 @@ def psnr_y(sr_uint8: np.ndarray, hr_uint8: np.ndarray, crop_border: int) -> floa
     c = slice(crop_border, -crop_border or None)
     mse = np.mean((rgb_to_y(sr_uint8)[c, c] - rgb_to_y(hr_uint8)[c, c]) ** 2)
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def _crop(image: np.ndarray, border: int) -> np.ndarray:
+    return image[border : image.shape[0] - border, border : image.shape[1] - border]
+
+
+def ssim_y(sr_uint8: np.ndarray, hr_uint8: np.ndarray, crop_border: int) -> float:
+    """SSIM of the Y channels as Wang et al.'s ssim.m: 11x11 Gaussian window (sigma 1.5), K = (0.01, 0.03),
+    population statistics, mean over the valid region, after trimming `crop_border` pixels."""
+    from skimage.metrics import structural_similarity
+
+    if sr_uint8.shape != hr_uint8.shape:
+        raise ValueError(f"image shapes differ: {sr_uint8.shape} vs {hr_uint8.shape}")
+    y_sr, y_hr = _crop(rgb_to_y(sr_uint8), crop_border), _crop(rgb_to_y(hr_uint8), crop_border)
+    return float(structural_similarity(y_hr, y_sr, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                                       data_range=255.0))
+
+
+def lr_consistency(sr_uint8: np.ndarray, lr_uint8: np.ndarray, factor: int) -> float:
+    """PSNR (dB, RGB) between the MATLAB-bicubic downscale of an SR output and the LR input it came from."""
+    from vdvae_sr_jax.resize import bicubic_downscale
+
+    down = bicubic_downscale(sr_uint8[None], factor)[0].astype(np.float64)
+    mse = np.mean((down - lr_uint8.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
+
+
+def diversity(samples_uint8: np.ndarray) -> float:
+    """Mean per-pixel standard deviation (0-255 scale) across SR samples [S, H, W, 3] of one LR image."""
+    if len(samples_uint8) < 2:
+        raise ValueError(f"diversity needs at least 2 samples, got {len(samples_uint8)}")
+    return float(samples_uint8.astype(np.float64).std(axis=0).mean())

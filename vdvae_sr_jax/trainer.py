@@ -60,6 +60,8 @@ def latest_ema_params(config, model, workdir: Path):
     ckpts.close()
     if state is None:
         return None
+    if not config.train.frozen:
+        return state.ema_params
     _, frozen = train.split_params(initial_params(config, model), config.train.frozen)
     return train.merge_params(state.ema_params, frozen)
 
@@ -123,9 +125,7 @@ def run(config, workdir: Path) -> dict:
     local_images = data.host_shard(images, jax.process_index(), n_proc)
     hr_iter = data.hr_batches(local_images, size, batch_size // n_proc, cfg.seed + jax.process_index(),
                               config.data.preprocess, start=int(state.step))
-    separate_val = config.data.source == "tfds" or config.data.get("val_folder")
-    val_images = [im for _, im in data.load_images(config.data, size, "validation")] if separate_val else images
-    val_hr = np.stack([data.center_crop(im, size) for im in val_images[: config.data.eval_images]])
+    val_hr = data.validation_crops(config.data, size, config.data.eval_images)
     n_dims = size * size * 3
 
     def global_batch(hr_uint8):

@@ -1,0 +1,84 @@
+"""Upscaling any image with a (tiny, freshly initialised) VDVAE-SR: exact x4 sizes, seeds, batching, samples and
+files in and out."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from tiny_training import tiny_config
+
+from vdvae_sr_jax import data, upscale
+from vdvae_sr_jax.model import init_params, model_from_config
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    config = tiny_config(1, 1, 1000)
+    model = model_from_config(config)
+    params = init_params(model)
+    # Non-zero gates, so that the LR image steers the samples as in a trained model.
+    params = jax.tree_util.tree_map_with_path(lambda path, x: x + 0.5 if "gate" in jax.tree_util.keystr(path) else x,
+                                              params)
+    return config, model, params
+
+
+def _upscaler(model_and_params, **settings):
+    config, model, params = model_and_params
+    return upscale.Upscaler(model, params, config.data, upscale.Settings(**settings))
+
+
+def test_odd_sizes_come_out_exactly_x4_and_seeds_fix_the_output(model_and_params):
+    photo = data.embedded_photos()[1][1]
+    lr = photo[100:113, 200:207]  # 13 x 7: smaller than two 4x4 tiles one way, odd both ways
+    a = _upscaler(model_and_params, temperature=0.5, seed=3, overlap=1, batch_per_device=2).upscale(lr)
+    b = _upscaler(model_and_params, temperature=0.5, seed=3, overlap=1, batch_per_device=5).upscale(lr)
+    c = _upscaler(model_and_params, temperature=0.5, seed=4, overlap=1, batch_per_device=2).upscale(lr)
+    assert a.shape == (1, 52, 28, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)  # the batch size does not change what is drawn
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1  # another seed draws another image
+    tiny = _upscaler(model_and_params, overlap=1).upscale(lr[:2, :3])  # smaller than one tile
+    assert tiny.shape == (1, 8, 12, 3)
+
+
+def test_samples_differ_and_the_std_map_shows_where(model_and_params):
+    lr = data.embedded_photos()[0][1][::16, ::16][:20, :24]
+    samples = _upscaler(model_and_params, temperature=1.0, num_samples=3, overlap=1).upscale(lr)
+    assert samples.shape == (3, 80, 96, 3)
+    assert all(np.abs(samples[0].astype(int) - s.astype(int)).mean() > 1 for s in samples[1:])
+    heat = upscale.std_heat_map(samples)
+    std = samples.astype(np.float32).std(axis=0).mean(axis=-1)
+    assert heat.shape == (80, 96, 3) and heat.dtype == np.uint8
+    hot, cold = np.unravel_index(std.argmax(), std.shape), np.unravel_index(std.argmin(), std.shape)
+    assert heat[hot].tolist() == [255, 255, 255] and heat[cold].sum() < heat[hot].sum()
+
+
+def test_files_in_and_out(model_and_params, tmp_path):
+    photo = data.embedded_photos()[2][1][::8, ::8][:30, :37]
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    Image.fromarray(photo).save(inputs / "rgb.jpg")
+    rgba = np.dstack([photo, np.linspace(0, 255, photo.shape[1], dtype=np.uint8)[None].repeat(30, 0)])
+    Image.fromarray(rgba, "RGBA").save(inputs / "sub" / "alpha.png")
+    Image.fromarray(photo).convert("L").save(inputs / "grey.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = upscale.upscale_files(_upscaler(model_and_params, num_samples=2, std_map=True, overlap=1),
+                                   str(inputs), tmp_path / "out")
+    assert result["images"] == 3 and len(result["failed"]) == 1 and "broken.png" in result["failed"][0]
+    assert result["images_per_second"] > 0
+    out = tmp_path / "out"
+    rgb = Image.open(out / "rgb_x4_s1.png")
+    assert rgb.size == (148, 120) and rgb.mode == "RGB"
+    alpha = Image.open(out / "sub" / "alpha_x4_s0.png")
+    assert alpha.mode == "RGBA"
+    alpha_channel = np.asarray(alpha)[..., 3].astype(int)
+    assert np.abs(alpha_channel[0] - np.linspace(0, 255, 148)).max() < 6  # the ramp survives, x4
+    assert Image.open(out / "grey_x4_s0.png").mode == "L"
+    assert Image.open(out / "grey_x4_std.png").size == (148, 120)
+    assert len(result["outputs"]) == 3 * 3
+    same = tmp_path / "same"
+    same.mkdir()
+    Image.fromarray(photo).save(same / "a.png")
+    Image.fromarray(photo).save(same / "a_x4.png")
+    with pytest.raises(ValueError, match="overwrite input"):  # a.png's output would be the input a_x4.png
+        upscale.upscale_files(_upscaler(model_and_params), str(same), same)
+    assert np.array_equal(np.asarray(Image.open(same / "a_x4.png")), photo)

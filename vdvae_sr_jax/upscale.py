@@ -1,0 +1,153 @@
+"""Super-resolving images of any size: model-sized LR tiles, sampled in device-sized batches, blended back.
+
+Each tile is drawn with its own key, folded from (seed, image, sample, tile), so an output depends on the
+seed alone, not on the batch size or the number of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from vdvae_sr_jax import data, image_io, tiles
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.model import VDVAESR
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to upscale: temperature (one number or one per layer), samples per image, seed, tile overlap (LR
+    pixels), tiles per device per batch, and whether to save a per-pixel standard-deviation map."""
+
+    temperature: float | tuple[float, ...] = 0.1
+    num_samples: int = 1
+    seed: int = 0
+    overlap: int = 2
+    batch_per_device: int = 8
+    std_map: bool = False
+
+    @classmethod
+    def from_config(cls, upscale) -> Settings:
+        """Settings from a config's `upscale` section."""
+        temperature = upscale.temperature
+        temperature = float(temperature) if np.ndim(temperature) == 0 else tuple(float(t) for t in temperature)
+        if upscale.num_samples < 1:
+            raise ValueError(f"upscale.num_samples must be at least 1, got {upscale.num_samples}")
+        return cls(temperature, int(upscale.num_samples), int(upscale.seed), int(upscale.overlap),
+                   int(upscale.batch_per_device), bool(upscale.std_map))
+
+
+@partial(jax.jit, static_argnums=0)
+def _sample_tiles(model: VDVAESR, params, lr_input, temperature, keys) -> jax.Array:
+    """uint8 HR tiles, each drawn from p(z | its LR tile) with its own key."""
+
+    def one(x, key):
+        out = model.apply({"params": params}, x[None], temperature, rngs={"sample": key}, method=VDVAESR.sample)
+        return out[0]
+
+    return D.to_uint8(jax.vmap(one)(lr_input, keys))
+
+
+class Upscaler:
+    """Super-resolves uint8 RGB arrays of any size x`scale` with a VDVAE-SR, over all devices."""
+
+    def __init__(self, model: VDVAESR, params, data_config, settings: Settings):
+        if not isinstance(model, VDVAESR):
+            raise ValueError("upscaling needs a VDVAE-SR config (one with model.lr_enc_blocks)")
+        self.model, self.params, self.data, self.settings = model, params, data_config, settings
+        self.tile, self.scale = model.lr_image_size, model.image_size // model.lr_image_size
+        mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        self.sharding = NamedSharding(mesh, P("data"))
+        self.batch = settings.batch_per_device * jax.device_count()
+        self.temperature = jnp.asarray(settings.temperature, jnp.float32)
+
+    def _keys(self, image_index: int, n_tiles: int) -> jax.Array:
+        base = jax.random.fold_in(jax.random.key(self.settings.seed), image_index)
+        per_sample = [jax.random.fold_in(base, s) for s in range(self.settings.num_samples)]
+        return jnp.stack([jax.random.split(k, n_tiles) for k in per_sample]).reshape(-1)
+
+    def _run(self, lr_tiles: np.ndarray, keys: jax.Array, progress) -> np.ndarray:
+        """HR tiles for LR tiles, `self.batch` at a time; the last batch is padded so nothing recompiles."""
+        outputs = []
+        for start in range(0, len(lr_tiles), self.batch):
+            chunk, chunk_keys = lr_tiles[start : start + self.batch], keys[start : start + self.batch]
+            pad = self.batch - len(chunk)
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], pad, axis=0)])
+            lr_input = jax.device_put(data.normalize(chunk, self.data)[0], self.sharding)
+            hr = _sample_tiles(self.model, self.params, lr_input, self.temperature,
+                               jax.device_put(chunk_keys, self.sharding))
+            outputs.append(np.asarray(hr)[: self.batch - pad])
+            progress.update(self.batch - pad)
+        return np.concatenate(outputs)
+
+    def n_tiles(self, height: int, width: int) -> int:
+        """Tiles (over all samples) that an H x W LR image needs."""
+        return len(tiles.tile_grid(height, width, self.tile, self.settings.overlap)) * self.settings.num_samples
+
+    def upscale(self, lr_uint8: np.ndarray, image_index: int = 0, progress=None) -> np.ndarray:
+        """SR samples uint8 [num_samples, H*scale, W*scale, 3] of one uint8 RGB LR image [H, W, 3]."""
+        grid = tiles.tile_grid(lr_uint8.shape[0], lr_uint8.shape[1], self.tile, self.settings.overlap)
+        lr_tiles = np.tile(tiles.extract_tiles(lr_uint8, grid), (self.settings.num_samples, 1, 1, 1))
+        progress = progress if progress is not None else tqdm(total=len(lr_tiles), disable=True)
+        hr_tiles = self._run(lr_tiles, self._keys(image_index, len(grid)), progress)
+        samples = hr_tiles.reshape(self.settings.num_samples, len(grid), *hr_tiles.shape[1:]).astype(np.float32)
+        return np.stack([np.clip(np.rint(tiles.blend_tiles(s, grid)), 0, 255).astype(np.uint8) for s in samples])
+
+
+def std_heat_map(samples_uint8: np.ndarray) -> np.ndarray:
+    """The per-pixel standard deviation across samples as a 'hot' colour map (black, red, yellow, white),
+    scaled so that white is the image's largest deviation."""
+    std = samples_uint8.astype(np.float32).std(axis=0).mean(axis=-1)
+    v = std / max(float(std.max()), 1e-6)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+def upscale_files(upscaler: Upscaler, input_spec: str, output_dir: str | Path) -> dict:
+    """Upscales every image a file, folder or glob names into `output_dir`, skipping unreadable ones by name.
+
+    Writes NAME_x4.png (NAME_x4_s{k}.png per sample when there are several) and, if asked, NAME_x4_std.png.
+    Outputs are checked before any work so that none overwrites an input.
+    """
+    settings = upscaler.settings
+    inputs, root = image_io.expand_inputs(input_spec), image_io.input_root(input_spec)
+    suffixes = ["_x4"] if settings.num_samples == 1 else [f"_x4_s{k}" for k in range(settings.num_samples)]
+    if settings.std_map and settings.num_samples > 1:
+        suffixes.append("_x4_std")
+    outputs = {s: image_io.output_paths(inputs, output_dir, s, root) for s in suffixes}
+    sources, failed = {}, []
+    for path in inputs:
+        try:
+            sources[path] = image_io.load_image(path)
+        except image_io.UnreadableImage as error:
+            failed.append(str(error))
+            logging.warning("%s; skipped", error)
+    total = sum(upscaler.n_tiles(*s.rgb.shape[:2]) for s in sources.values())
+    start, written = time.perf_counter(), []
+    with tqdm(total=total, desc="upscale", unit="tile") as progress:
+        for index, path in enumerate(inputs):
+            if path not in sources:
+                continue
+            source = sources[path]
+            samples = upscaler.upscale(source.rgb, index, progress)
+            alpha = image_io.upscale_alpha(source.alpha, upscaler.scale) if source.alpha is not None else None
+            for k, sample in enumerate(samples):
+                written.append(str(image_io.save_png(outputs[suffixes[k]][index], sample, alpha, source.grey)))
+            if "_x4_std" in outputs:
+                written.append(str(image_io.save_png(outputs["_x4_std"][index], std_heat_map(samples))))
+    seconds = time.perf_counter() - start
+    result = {"images": len(sources), "failed": failed, "seconds": seconds,
+              "images_per_second": len(sources) / seconds if sources else 0.0, "outputs": written}
+    logging.info("upscaled %d images in %.1f s (%.3f images/s)", len(sources), seconds, result["images_per_second"])
+    return result
