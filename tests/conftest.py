@@ -43,8 +43,11 @@ def assert_close(actual, expected, rtol=1e-4, what=""):
 @pytest.fixture(scope="session")
 def subprocess_env(tmp_path_factory) -> dict[str, str]:
     """Environment for test subprocesses: a JAX compilation cache shared by this session's runs of the same
-    programs (XLA:CPU compiles dominate their time; a cached executable computes the same numbers)."""
-    cache = tmp_path_factory.mktemp("jax_cache")
+    programs, across pytest-xdist workers too (XLA:CPU compiles dominate their time; a cached executable computes
+    the same numbers)."""
+    root = tmp_path_factory.getbasetemp()
+    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"  # one for all workers
+    cache.mkdir(exist_ok=True)
     return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
 

@@ -39,6 +39,13 @@ def test_vdvae_demo_evaluates_and_samples_its_checkpoint(tmp_path, subprocess_en
     for mode in ("train", "evaluate", "sample"):
         subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True, env=subprocess_env)
     result = json.loads((tmp_path / "evaluate_result.json").read_text())
-    assert 2 < result["bits_per_dim"] < 12 and result["n_images"] == 4
+    assert 2 < result["bits_per_dim"] < 12 and result["n_images"] == 8  # all the embedded photos
     grid = np.asarray(Image.open(tmp_path / "samples.png"))
     assert grid.shape == (4 * 34 + 2, 4 * 34 + 2, 3) and grid.std() > 5
+    sampled = json.loads((tmp_path / "sample_result.json").read_text())
+    assert sampled["injected_layers"] == [0, 1, 2, 4, 7, 13]  # of 13 layers, then a row of the originals
+    injection = np.asarray(Image.open(tmp_path / "latent_injection.png")).astype(float)
+    assert injection.shape == (7 * 34 + 2, 4 * 34 + 2, 3)
+    rows = [injection[2 + 34 * i : 34 * (i + 1), 2:-2] for i in range(7)]
+    # All 13 latents from the posterior stay closer to the originals than none (prior samples) do.
+    assert np.abs(rows[5] - rows[6]).mean() < np.abs(rows[0] - rows[6]).mean()

@@ -58,11 +58,11 @@ class PerceptualMetrics:
         try:
             self.lpips_params = perceptual.load_lpips(config.lpips_backbone or None, config.lpips_lin or None)
         except (FileNotFoundError, ImportError) as error:
-            self.missing["lpips"] = str(error)
+            self.missing["lpips"] = f"{error} Set --config.evaluate.lpips_backbone / lpips_lin to the files."
         try:
             self.inception = perceptual.load_fid_inception(config.fid_inception or None)
         except (FileNotFoundError, ImportError) as error:
-            self.missing["fid"] = str(error)
+            self.missing["fid"] = f"{error} Set --config.evaluate.fid_inception to the file."
         for name, reason in self.missing.items():
             logging.warning("%s not computed: %s", name.upper(), reason)
 
@@ -157,6 +157,7 @@ def write_tables(summary: dict, path_stem: Path, title: str, notes: list[str]) -
 def write_figure(path: Path, lr: np.ndarray, columns: list[np.ndarray], scale: int) -> None:
     """LR (nearest x`scale`) | each method's output | HR, as one PNG row."""
     nearest = np.repeat(np.repeat(lr, scale, 0), scale, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
     evaluate.save_grid(path, [np.stack([nearest, *columns])])
 
 
