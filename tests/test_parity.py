@@ -56,3 +56,20 @@ def test_generative_pass_with_manual_latents(case):
 def test_param_count_matches_official(case):
     _, params, hparams, _ = case
     assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == hparams["n_params"]
+
+
+def test_latent_injection_with_a_traced_count_equals_a_shorter_list(case):
+    model, params, hparams, ref = case
+    latents = [ref[f"z_{i:03d}"] for i in range(hparams["n_layers"])]
+
+    @jax.jit
+    def first_k(k):
+        return model.apply({"params": params}, len(ref["target"]), latents=latents, n_latents=k,
+                           method=VDVAE.generate, rngs={"sample": jax.random.key(3)})[0]
+
+    for k in (0, 2):
+        shorter = model.apply({"params": params}, len(ref["target"]), latents=latents[:k],
+                              method=VDVAE.generate, rngs={"sample": jax.random.key(3)})[0]
+        assert_close(first_k(k), shorter, 1e-6, f"k={k}")
+    assert_close(first_k(hparams["n_layers"]), ref["prior_px_z"], 1e-4, "all layers")
+    assert float(abs(first_k(0) - first_k(2)).max()) > 1e-3

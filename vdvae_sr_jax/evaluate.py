@@ -87,12 +87,13 @@ def temperature_grid(model: VDVAE, params, temperatures, n: int, seed: int) -> l
     return [np.asarray(sample_images(model, params, n, jnp.float32(t), rng)) for t in temperatures]
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _inject_latents(model: VDVAE, params, batch, k: int, temperature, rng) -> jax.Array:
-    """uint8 images whose first `k` latents come from the posterior of `batch` and the rest from the prior."""
+@partial(jax.jit, static_argnums=0)
+def _inject_latents(model: VDVAE, params, batch, k, temperature, rng) -> jax.Array:
+    """uint8 images whose first `k` latents (traced: one compile for every k) come from the posterior of `batch`
+    and the rest from the prior."""
     posterior_rng, prior_rng = jax.random.split(rng)
     stats = model.apply({"params": params}, *model_inputs(batch), rngs={"sample": posterior_rng})
-    images = model.apply({"params": params}, batch["input"].shape[0], temperature, latents=list(stats["z"][:k]),
+    images = model.apply({"params": params}, batch["input"].shape[0], temperature, latents=stats["z"], n_latents=k,
                          rngs={"sample": prior_rng}, method=VDVAE.sample)
     return D.to_uint8(images)
 
@@ -103,7 +104,7 @@ def latent_injection_grid(model: VDVAE, params, hr_uint8: np.ndarray, data, laye
     latents of `hr_uint8` and the rest from the prior at `temperature`), then the originals."""
     batch = model_batch(hr_uint8, data, model.low_bit, None)
     rng = jax.random.key(seed)
-    rows = [np.asarray(_inject_latents(model, params, batch, int(k), jnp.float32(temperature), rng))
+    rows = [np.asarray(_inject_latents(model, params, batch, jnp.int32(k), jnp.float32(temperature), rng))
             for k in layer_counts]
     return rows + [hr_uint8]
 
