@@ -1,6 +1,11 @@
 """Upscaling any image with a (tiny, freshly initialised) VDVAE-SR: exact x4 sizes, seeds, batching, samples and
 files in and out."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -10,16 +15,39 @@ from tiny_training import tiny_config
 from vdvae_sr_jax import data, upscale
 from vdvae_sr_jax.model import init_params, model_from_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_and_params():
+    """The tiny VDVAE-SR of the trainer tests, freshly initialised, with non-zero gates so that the LR image
+    steers the samples as in a trained model."""
+    config = tiny_config(1, 1, 1000)
+    model = model_from_config(config)
+    params = jax.tree_util.tree_map_with_path(lambda path, x: x + 0.5 if "gate" in jax.tree_util.keystr(path) else x,
+                                              init_params(model))
+    return config, model, params
+
 
 @pytest.fixture(scope="module")
 def model_and_params():
-    config = tiny_config(1, 1, 1000)
-    model = model_from_config(config)
-    params = init_params(model)
-    # Non-zero gates, so that the LR image steers the samples as in a trained model.
-    params = jax.tree_util.tree_map_with_path(lambda path, x: x + 0.5 if "gate" in jax.tree_util.keystr(path) else x,
-                                              params)
-    return config, model, params
+    return tiny_model_and_params()
+
+
+MULTI_DEVICE = """
+import sys, numpy as np
+from test_upscale import multi_device_lr, tiny_model_and_params
+from vdvae_sr_jax import upscale
+import jax
+config, model, params = tiny_model_and_params()
+settings = upscale.Settings(temperature=0.7, num_samples=2, seed=5, overlap=1, batch_per_device=3)
+np.save(sys.argv[1], upscale.Upscaler(model, params, config.data, settings).upscale(multi_device_lr()))
+print(jax.device_count())
+"""
+
+
+def multi_device_lr():
+    """A 28 x 21 LR photo crop, for the multi-device test and its subprocess."""
+    return data.embedded_photos()[3][1][::32, ::32][:, :21]
 
 
 def _upscaler(model_and_params, **settings):
@@ -82,3 +110,15 @@ def test_files_in_and_out(model_and_params, tmp_path):
     with pytest.raises(ValueError, match="overwrite input"):  # a.png's output would be the input a_x4.png
         upscale.upscale_files(_upscaler(model_and_params), str(same), same)
     assert np.array_equal(np.asarray(Image.open(same / "a_x4.png")), photo)
+
+
+def test_four_devices_draw_the_same_samples_as_one(model_and_params, tmp_path, subprocess_env):
+    env = dict(subprocess_env, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    out = subprocess.run([sys.executable, "-c", MULTI_DEVICE, str(tmp_path / "four.npy")], env=env, cwd=ROOT,
+                         check=True, capture_output=True, text=True)
+    assert out.stdout.strip().endswith("4")
+    settings = dict(temperature=0.7, num_samples=2, seed=5, overlap=1, batch_per_device=3)
+    one = _upscaler(model_and_params, **settings).upscale(multi_device_lr())
+    assert one.shape == (2, 4 * 28, 4 * 21, 3)
+    np.testing.assert_array_equal(np.load(tmp_path / "four.npy"), one)
