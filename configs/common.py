@@ -56,5 +56,5 @@ def vdvae_config(
     config.official_checkpoint = official_checkpoint
     config.compute_dtype = "float32"
     config.scan_unroll = 1  # blocks unrolled per scan step; CPU runs unrolled gradients ~10x faster
-    config.remat = False  # recompute each top-down block's activations in the backward pass, to fit bigger batches
+    config.remat = False  # recompute top-down blocks' activations in the backward pass; saves memory with rolled scans
     return config

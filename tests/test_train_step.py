@@ -107,3 +107,30 @@ def test_a_long_run_of_skips_is_reported_with_norms_and_threshold(caplog):
     message = caplog.records[0].getMessage()
     assert "last 30 updates were all skipped" in message and "[950.1, 990.0, 1001.0]" in message
     assert "skip_threshold=400.0" in message
+
+
+def test_a_frozen_encoder_gets_no_backward_pass():
+    from tiny_training import tiny_config
+
+    from vdvae_sr_jax import data
+    from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
+
+    config = tiny_config(steps=1, batch_per_device=2, checkpoint_every=1)
+    config.scan_unroll = 16  # every block written out, so the HLO text shows each convolution
+    model = model_from_config(config)
+    params = jax.eval_shape(lambda: init_params(model))
+    batch = data.model_batch(np.zeros((2, 16, 16, 3), np.uint8), config.data, False, 4)
+
+    def convolutions(hlo):
+        return hlo.as_text().count("stablehlo.convolution")
+
+    def gradient_convolutions(frozen_prefixes):
+        trainable, frozen = train.split_params(params, frozen_prefixes)
+        grad_fn = jax.jit(jax.value_and_grad(train.elbo_loss(model), has_aux=True))
+        return convolutions(grad_fn.lower(trainable, frozen, batch, jax.random.key(0)))
+
+    encoder = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VDVAESR.encode)).lower(params, batch["input"])
+    n_encoder = convolutions(encoder)
+    assert n_encoder == 1 + 7 * 4  # in_conv, then 7 blocks of 4 convs
+    # Training the encoder adds a weight and an input gradient per convolution, less the image's input gradient.
+    assert gradient_convolutions(()) - gradient_convolutions(("encoder",)) == 2 * n_encoder - 1

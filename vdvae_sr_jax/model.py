@@ -87,7 +87,8 @@ def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1, remat: bool
 
     `unroll` > 1 unrolls that many blocks per loop iteration: XLA:CPU runs conv gradients inside a
     loop ~10x slower than unrolled, so CPU configs unroll fully; GPUs and TPUs keep the fast compile.
-    With `remat`, each block's activations are recomputed in the backward pass instead of stored.
+    With `remat`, each block's activations are recomputed in the backward pass instead of stored; only a rolled
+    loop keeps them apart, since XLA merges the recomputation of fully unrolled blocks back into the forward pass.
     """
     return nn.scan(
         nn.remat(fn, prevent_cse=False) if remat else fn,

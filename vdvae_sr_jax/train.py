@@ -99,7 +99,8 @@ def train_step(
         skipped=state.skipped + (1 - apply.astype(jnp.int32)),
         rng=jax.random.key_data(rng),
     )
-    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, skipped_update=1 - apply.astype(jnp.int32))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, skipped_update=1 - apply.astype(jnp.int32),
+                   skipped_total=new_state.skipped)
     return new_state, metrics
 
 

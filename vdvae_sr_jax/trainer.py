@@ -23,6 +23,7 @@ from tqdm import tqdm
 from vdvae_sr_jax import checkpoint, data, evaluate, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
+from vdvae_sr_jax.prefetch import prefetch
 
 
 def initial_params(config, model):
@@ -141,33 +142,25 @@ def run(config, workdir: Path) -> dict:
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
     reporter = _Reporter(workdir)
-    start_step, first_elbo, last_elbo, val_elbo = int(state.step), None, None, None
+    start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
+    batches = prefetch(global_batch(hr) for hr in hr_iter)
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
-        timer = time.perf_counter()
+        log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims)
         for step in range(start_step + 1, cfg.steps + 1):
-            state, metrics = step_fn(state, global_batch(next(hr_iter)), frozen)
+            state, metrics = step_fn(state, next(batches), frozen)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.steps:
-                fetched = jax.device_get(metrics)
-                seconds = (time.perf_counter() - timer) / cfg.log_every
-                timer = time.perf_counter()
-                record = {k: float(v) for k, v in fetched.items() if k != "kl_per_layer"}
-                record.update(per_resolution_rate(fetched["kl_per_layer"], model.dec_blocks, n_dims))
-                record.update(skipped_total=int(state.skipped), step_seconds=seconds,
-                              images_per_second=batch_size / seconds)
-                reporter.write(step, record)
-                first_elbo = record["loss"] if first_elbo is None else first_elbo
-                last_elbo = record["loss"]
-                bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
-                watch.update(record["skipped_total"], cfg.log_every, record["grad_norm"])
+                log.add(step, metrics)
             saved = True
             if step % cfg.steps_per_epoch == 0 or step == cfg.steps:
+                log.flush()
                 val_elbo = validate(state.ema_params)
                 reporter.write(step, {"val_elbo": val_elbo})
                 ckpts.save(step, state, val_elbo)
             elif step % cfg.checkpoint_every == 0:
+                log.flush()
                 ckpts.save(step, state)
             else:
                 saved = False
@@ -175,17 +168,60 @@ def run(config, workdir: Path) -> dict:
                 write_sr_samples(config, forward_model, train.merge_params(state.ema_params, frozen), val_hr,
                                  workdir / f"samples_{step:07d}.png")
             if stop["signal"] is not None:
+                log.flush()
                 if not saved:
                     ckpts.save(step, state)
                 logging.warning("stopped by signal %d at step %d; a checkpoint was saved", stop["signal"], step)
                 break
         bar.close()
     finally:
+        batches.close()
         ckpts.close()
         reporter.close()
         signal.signal(signal.SIGTERM, previous)
-    return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": first_elbo,
-            "last_logged_elbo": last_elbo, "skipped_updates": int(state.skipped), "stopped": stop["signal"] is not None}
+    return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": log.first_elbo,
+            "last_logged_elbo": log.last_elbo, "skipped_updates": int(state.skipped),
+            "stopped": stop["signal"] is not None}
+
+
+class _TrainLog:
+    """Training records written one log interval late: the loop hands over a step's metrics still on the device
+    and waits for them only when it logs the next step or saves a checkpoint, by when they are long computed."""
+
+    def __init__(self, reporter: _Reporter, watch: SkipWatch, bar, step: int, batch_size: int, dec_blocks: str,
+                 n_dims: int):
+        self.reporter, self.watch, self.bar = reporter, watch, bar
+        self.batch_size, self.dec_blocks, self.n_dims = batch_size, dec_blocks, n_dims
+        self.pending = None
+        self.step, self.time = step, time.perf_counter()
+        self.first_elbo = self.last_elbo = None
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Writes the pending record, then starts copying the metrics of `step` to the host."""
+        self.flush()
+        for value in jax.tree_util.tree_leaves(metrics):
+            value.copy_to_host_async()
+        self.pending = step, metrics
+
+    def flush(self) -> None:
+        """Waits for the pending metrics, if any, and writes their record; step time is the time between the
+        records' arrivals over the steps between them."""
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        fetched = jax.device_get(metrics)
+        steps, now = step - self.step, time.perf_counter()
+        seconds = (now - self.time) / steps
+        self.step, self.time = step, now
+        record = {k: float(v) for k, v in fetched.items() if k not in ("kl_per_layer", "skipped_total")}
+        record.update(per_resolution_rate(fetched["kl_per_layer"], self.dec_blocks, self.n_dims))
+        record.update(skipped_total=int(fetched["skipped_total"]), step_seconds=seconds,
+                      images_per_second=self.batch_size / seconds)
+        self.reporter.write(step, record)
+        self.first_elbo = record["loss"] if self.first_elbo is None else self.first_elbo
+        self.last_elbo = record["loss"]
+        self.bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
+        self.watch.update(record["skipped_total"], steps, record["grad_norm"])
 
 
 class SkipWatch:

@@ -1,0 +1,268 @@
+"""Speed of a config's training step or SR tile sampling at several batch sizes, as JSON and a Markdown table.
+
+For each batch: compile time, median device-synchronised step time after warm-up, images/s, peak device
+memory, FLOPs per step from XLA's cost analysis, achieved TFLOP/s and the fraction of the device's peak (MFU).
+XLA counts a loop body once, so the FLOPs are those of the step lowered with every scan unrolled.
+
+    python -m benchmarks.benchmark --config=configs/sr64.py --batch_sizes=1,2 --steps=5
+    python -m benchmarks.benchmark --config=configs/sr64.py --mode=upscale --batch_sizes=16,64 --compute_dtype=bfloat16
+    python -m benchmarks.benchmark --config=configs/sr256.py --remat --find_max_batch --output=sr256.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vdvae_sr_jax import data, evaluate, train
+from vdvae_sr_jax.hparams import parse_layer_string
+from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A VDVAE or VDVAE-SR config file.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "2"], "Batch sizes (one device) to measure.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "upscale"], "A training step, or SR sampling of LR tiles.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per batch size; their median is reported. 0 measures "
+                               "compile time and FLOPs only.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_REMAT = flags.DEFINE_bool("remat", None, "Set config.remat (rematerialise top-down blocks); default: the config's.")
+_DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Set config.compute_dtype.")
+_FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Double the largest batch size until the device is out of "
+                              "memory (GPU or TPU only).")
+_OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON report.")
+
+UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
+
+# Dense peak TFLOP/s per JAX device from vendor datasheets: (bf16, fp32), where fp32 is the TF32 tensor-core rate
+# on A100/H100/H200 (XLA's default precision runs float32 convolutions and matmuls in TF32 there). A TPU v2/v3
+# device is one of a chip's two cores. TPUs publish no fp32 peak; the V100 has no bf16 units. Matched in order.
+PEAK_TFLOPS = (
+    (("h100 pcie",), 756.0, 378.0),
+    (("h100",), 989.4, 494.7),
+    (("h200",), 989.4, 494.7),
+    (("a100",), 312.0, 156.0),
+    (("v100",), None, 15.7),
+    (("tpu v2",), 22.5, None),
+    (("tpu v3",), 61.5, None),
+    (("tpu v4",), 275.0, None),
+    (("tpu v5 lite", "tpu v5e"), 197.0, None),
+    (("tpu v5",), 459.0, None),
+    (("tpu v6",), 918.0, None),
+)
+
+
+def peak_tflops(device_kind: str, compute_dtype: str) -> float | None:
+    """The device's dense peak TFLOP/s at the compute dtype, or None where the device or dtype is not in the table."""
+    kind = device_kind.lower()
+    for names, bf16, fp32 in PEAK_TFLOPS:
+        if any(name in kind for name in names):
+            return bf16 if compute_dtype == "bfloat16" else fp32
+    return None
+
+
+def peak_memory_bytes(device) -> int | None:
+    """The device allocator's peak bytes in use so far (in this process); None where it keeps no statistics (CPU)."""
+    stats = device.memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def fully_unrolled(config):
+    """The config with every scan unrolled: XLA's cost analysis counts a loop body once, whatever its trip count."""
+    config = config.copy_and_resolve_references()
+    keys = ("enc_blocks", "dec_blocks", "lr_enc_blocks")
+    config.scan_unroll = max(len(parse_layer_string(config.model[k])) for k in keys if config.model.get(k))
+    return config
+
+
+def train_step(config, model):
+    """The trainer's jitted step of `model`, with the state donated."""
+    step = partial(train.train_step, loss_fn=train.elbo_loss(model), tx=train.make_optimizer(config.train),
+                   train=config.train)
+    return jax.jit(step, donate_argnums=0)
+
+
+def train_inputs(config, model, batch_size: int) -> tuple:
+    """A fresh training state, a batch of random images (on the device, as the trainer prefetches them) and the
+    frozen params."""
+    trainable, frozen = train.split_params(init_params(model), config.train.frozen)
+    state = train.init_state(trainable, train.make_optimizer(config.train), jax.random.key(0))
+    size = model.image_size
+    hr = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
+    lr_factor = size // model.lr_image_size if isinstance(model, VDVAESR) else None
+    return state, jax.device_put(data.model_batch(hr, config.data, model.low_bit, lr_factor)), frozen
+
+
+def upscale_step(config, model):
+    """Jitted SR sampling of a batch of LR tiles."""
+    if not isinstance(model, VDVAESR):
+        raise ValueError("--mode=upscale needs a VDVAE-SR config")
+    return jax.jit(partial(evaluate.sr_sample, model))
+
+
+def upscale_inputs(config, model, batch_size: int) -> tuple:
+    """Params, a batch of random LR tiles, temperature 1 and an rng."""
+    size = model.lr_image_size
+    lr = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
+    return init_params(model), jax.device_put(data.normalize(lr, config.data)[0]), jnp.float32(1.0), jax.random.key(0)
+
+
+PROGRAMS = {"train": (train_step, train_inputs), "upscale": (upscale_step, upscale_inputs)}
+
+
+def compile_program(fn, args) -> tuple:
+    """(compiled, trace-and-lower seconds, XLA compile seconds, CPU seconds of both in this process): on a shared
+    machine the CPU time is the steadier measure."""
+    start, cpu_start = time.perf_counter(), time.process_time()
+    lowered = fn.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    return compiled, lowered_at - start, time.perf_counter() - lowered_at, time.process_time() - cpu_start
+
+
+def step_seconds(compiled, args, steps: int, warmup: int, carries_state: bool) -> list[float]:
+    """Seconds of each of `steps` calls after `warmup` untimed ones, each waited for with block_until_ready;
+    a training step's output state is the next step's input, since the old one is donated."""
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        if carries_state:
+            args = (out[0], *args[1:])
+    return times
+
+
+def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, warmup: int = 2) -> dict:
+    """One batch size's measurements: compile time, memory and FLOPs, then (if `steps`) step time and throughput."""
+    make_step, make_inputs = PROGRAMS[mode]
+    model = model_from_config(config)
+    args = make_inputs(config, model, batch_size)
+    compiled, lower_s, compile_s, cpu_s = compile_program(make_step(config, model), args)
+    logging.info("batch %d: traced and lowered in %.1f s, compiled in %.1f s (%.1f CPU s)", batch_size, lower_s,
+                 compile_s, cpu_s)
+    unrolled = fully_unrolled(config)
+    memory = compiled.memory_analysis()
+    record = {
+        "batch_size": batch_size,
+        "trace_and_lower_s": lower_s,
+        "compile_s": compile_s,
+        "compile_time_s": lower_s + compile_s,
+        "compile_cpu_s": cpu_s,
+        "xla_temp_bytes": memory.temp_size_in_bytes,
+        "donated_bytes": memory.alias_size_in_bytes,
+        "flops_per_step": make_step(unrolled, model_from_config(unrolled)).lower(*args).cost_analysis()["flops"],
+    }
+    if steps:
+        record.update(throughput(record, step_seconds(compiled, args, steps, warmup, carries_state=mode == "train"),
+                                 config, mode))
+    return record
+
+
+def throughput(record: dict, times: list[float], config, mode: str) -> dict:
+    """Step time statistics, images/s (and LR pixels/s when upscaling), peak memory, TFLOP/s and MFU."""
+    median = statistics.median(times)
+    device = jax.devices()[0]
+    peak = peak_tflops(device.device_kind, config.compute_dtype)
+    tflops = record["flops_per_step"] / median / 1e12
+    batch_size = record["batch_size"]
+    out = {
+        "step_s_median": median,
+        "step_s_min": min(times),
+        "step_s_max": max(times),
+        "images_per_s": batch_size / median,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "tflops_per_s": tflops,
+        "mfu": None if peak is None else tflops / peak,
+    }
+    if mode == "upscale":
+        lr_pixels = batch_size * config.model.lr_image_size**2 / median
+        out.update(lr_pixels_per_s=lr_pixels, images_512_per_s=lr_pixels / UPSCALE_SIZE**2)
+    return out
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Whether an error is XLA running out of device memory."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def largest_batch(measure, fits: int) -> tuple[int, list[dict]]:
+    """Doubles a batch size that fits until `measure(batch)` runs out of memory: (the largest that fit, the records
+    of the doubled sizes that fit)."""
+    records = []
+    while True:
+        try:
+            records.append(measure(2 * fits))
+        except jax.errors.JaxRuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            return fits, records
+        fits *= 2
+
+
+def _cell(value, scale: float = 1.0) -> str:
+    """A number to 3 significant digits (integers above 1000 in full), or n/a."""
+    if value is None:
+        return "n/a"
+    value *= scale
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def markdown(report: dict) -> str:
+    """The report's measurements as a Markdown table, one row per batch size."""
+    upscale = report["mode"] == "upscale"
+    head = ["batch", "compile (s)", "step (ms)", "images/s"]
+    head += ["LR Mpixel/s", f"{UPSCALE_SIZE}² LR images/s"] if upscale else []
+    head += ["peak memory (GiB)", "XLA temp (GiB)", "GFLOP/step", "TFLOP/s", "MFU"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["results"]:
+        cells = [str(r["batch_size"]), _cell(r["compile_time_s"]), _cell(r.get("step_s_median"), 1e3),
+                 _cell(r.get("images_per_s"))]
+        if upscale:
+            cells += [_cell(r.get("lr_pixels_per_s"), 1e-6), _cell(r.get("images_512_per_s"))]
+        cells += [_cell(r.get("peak_memory_bytes"), 2**-30), _cell(r["xla_temp_bytes"], 2**-30),
+                  _cell(r["flops_per_step"], 1e-9),
+                  _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv) -> None:
+    del argv
+    jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would hide the compile time
+    config = _CONFIG.value
+    if _REMAT.value is not None:
+        config.remat = _REMAT.value
+    if _DTYPE.value is not None:
+        config.compute_dtype = _DTYPE.value
+    measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value)
+    batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)
+    device = jax.devices()[0]
+    report = {
+        "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
+        "device": device.device_kind, "platform": device.platform, "compute_dtype": config.compute_dtype,
+        "remat": config.remat, "scan_unroll": config.scan_unroll, "steps": _STEPS.value, "warmup": _WARMUP.value,
+        "results": [measure(b) for b in batch_sizes],
+    }
+    if _FIND_MAX.value:
+        if device.platform == "cpu":
+            raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
+        report["max_batch_size"], more = largest_batch(measure, batch_sizes[-1])
+        report["results"] += more
+    if _OUTPUT.value:
+        Path(_OUTPUT.value).write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,75 @@
+"""The speed benchmark on the demo config: its report's numbers agree with each other, and the search for the
+largest batch stops at the first out-of-memory error."""
+
+import jax
+import pytest
+
+from benchmarks.benchmark import benchmark, largest_batch, markdown, peak_tflops
+from configs.demo import get_config
+from vdvae_sr_jax import train
+from vdvae_sr_jax.model import init_params, model_from_config
+
+
+@pytest.fixture(scope="module")
+def config():
+    config = get_config()
+    config.scan_unroll = 1  # the rolled loop compiles fastest; FLOPs are still counted for every block
+    return config
+
+
+def _state_bytes(config) -> int:
+    trainable, _ = train.split_params(jax.eval_shape(lambda: init_params(model_from_config(config))), ())
+    state = jax.eval_shape(lambda p: train.init_state(p, train.make_optimizer(config.train), jax.random.key(0)),
+                           trainable)
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
+
+
+def test_training_report(config):
+    record = benchmark(config, batch_size=2, mode="train", steps=2, warmup=1)
+    assert record["batch_size"] == 2 and record["compile_time_s"] > record["compile_s"] > 0
+    assert 0 < record["step_s_min"] <= record["step_s_median"] <= record["step_s_max"]
+    assert record["images_per_s"] == pytest.approx(2 / record["step_s_median"])
+    # The demo's forward pass is about 0.12 GFLOP per image (lowered for batch 4: 0.46 GFLOP); with the
+    # gradient and the optimiser a step of 2 images costs a few times that.
+    assert 0.5e9 < record["flops_per_step"] < 1.5e9
+    assert record["tflops_per_s"] == pytest.approx(record["flops_per_step"] / record["step_s_median"] / 1e12)
+    assert record["donated_bytes"] == _state_bytes(config)  # the whole train state is updated in place
+    assert record["peak_memory_bytes"] is None and record["mfu"] is None  # CPU: no allocator stats, no peak
+    table = markdown({"mode": "train", "results": [record]})
+    assert table.splitlines()[2].startswith("| 2 |") and table.count("| n/a |") == 2  # peak memory and MFU
+    compile_only = {k: record[k] for k in ("batch_size", "compile_time_s", "xla_temp_bytes", "flops_per_step")}
+    assert markdown({"mode": "train", "results": [compile_only]}).count("n/a") == 5  # what --steps=0 leaves out
+
+
+def test_upscale_report(config):
+    record = benchmark(config, batch_size=3, mode="upscale", steps=2, warmup=1)
+    lr_pixels = 3 * config.model.lr_image_size**2
+    assert record["lr_pixels_per_s"] == pytest.approx(lr_pixels / record["step_s_median"])
+    assert record["images_512_per_s"] == pytest.approx(record["lr_pixels_per_s"] / 512**2)
+    assert record["flops_per_step"] > 0 and record["donated_bytes"] == 0
+    assert "512² LR images/s" in markdown({"mode": "upscale", "results": [record]})
+
+
+def test_peak_table_matches_device_kinds():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 156.0
+    assert peak_tflops("TPU v5 lite", "bfloat16") == 197.0
+    assert peak_tflops("TPU v5p", "bfloat16") == 459.0
+    assert peak_tflops("TPU v4", "float32") is None
+    assert peak_tflops("cpu", "float32") is None
+
+
+def test_largest_batch_doubles_until_out_of_memory():
+    def measure(batch):
+        if batch > 12:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes")
+        return {"batch_size": batch}
+
+    def broken(batch):
+        raise jax.errors.JaxRuntimeError("INTERNAL: a compiler bug")
+
+    fits, records = largest_batch(measure, 3)
+    assert fits == 12 and [r["batch_size"] for r in records] == [6, 12]
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        largest_batch(broken, 1)
