@@ -229,8 +229,7 @@ def markdown(report: dict) -> str:
         if upscale:
             cells += [_cell(r.get("lr_pixels_per_s"), 1e-6), _cell(r.get("images_512_per_s"))]
         cells += [_cell(r.get("peak_memory_bytes"), 2**-30), _cell(r["xla_temp_bytes"], 2**-30),
-                  _cell(r["flops_per_step"], 1e-9),
-                  _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
+                  _cell(r["flops_per_step"], 1e-9), _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -238,14 +237,15 @@ def markdown(report: dict) -> str:
 def main(argv) -> None:
     del argv
     jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would hide the compile time
-    config = _CONFIG.value
+    config, device = _CONFIG.value, jax.devices()[0]
+    if _FIND_MAX.value and device.platform == "cpu":
+        raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
     if _REMAT.value is not None:
         config.remat = _REMAT.value
     if _DTYPE.value is not None:
         config.compute_dtype = _DTYPE.value
     measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value)
-    batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)
-    device = jax.devices()[0]
+    batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)  # the allocator's peak only rises
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
         "device": device.device_kind, "platform": device.platform, "compute_dtype": config.compute_dtype,
@@ -253,8 +253,6 @@ def main(argv) -> None:
         "results": [measure(b) for b in batch_sizes],
     }
     if _FIND_MAX.value:
-        if device.platform == "cpu":
-            raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
         report["max_batch_size"], more = largest_batch(measure, batch_sizes[-1])
         report["results"] += more
     if _OUTPUT.value:
