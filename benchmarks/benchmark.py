@@ -1,8 +1,8 @@
 """Speed of a config's training step or SR tile sampling at several batch sizes, as JSON and a Markdown table.
 
 For each batch: compile time, median device-synchronised step time after warm-up, images/s, peak device
-memory, FLOPs per step from XLA's cost analysis, achieved TFLOP/s and the fraction of the device's peak (MFU).
-XLA counts a loop body once, so the FLOPs are those of the step lowered with every scan unrolled.
+memory, model FLOPs per step (the convolutions and matrix products in the step's jaxpr, each scan body counted
+once per iteration, recomputation left out), achieved TFLOP/s and the fraction of the device's peak (MFU).
 
     python -m benchmarks.benchmark --config=configs/sr64.py --batch_sizes=1,2 --steps=5
     python -m benchmarks.benchmark --config=configs/sr64.py --mode=upscale --batch_sizes=16,64 --compute_dtype=bfloat16
@@ -12,6 +12,7 @@ XLA counts a loop body once, so the FLOPs are those of the step lowered with eve
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from functools import partial
@@ -21,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from jax.extend.core import ClosedJaxpr, Jaxpr
 from ml_collections import config_flags
 
 from vdvae_sr_jax import data, evaluate, train
-from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A VDVAE or VDVAE-SR config file.")
@@ -74,12 +75,63 @@ def peak_memory_bytes(device) -> int | None:
     return stats.get("peak_bytes_in_use") if stats else None
 
 
-def fully_unrolled(config):
-    """The config with every scan unrolled: XLA's cost analysis counts a loop body once, whatever its trip count."""
+def _inner_jaxprs(param) -> list:
+    """The jaxprs an equation parameter holds: a jaxpr, a closed jaxpr, or a tuple of them (cond's branches)."""
+    if isinstance(param, ClosedJaxpr):
+        return [param.jaxpr]
+    if isinstance(param, Jaxpr):
+        return [param]
+    if isinstance(param, (tuple, list)):
+        return [j for p in param for j in _inner_jaxprs(p)]
+    return []
+
+
+def _valid_taps(n: int, k: int, stride: int, pad: tuple[int, int], lhs_dilation: int, rhs_dilation: int) -> int:
+    """(output position, kernel tap) pairs along one spatial axis that land on an input pixel, not on padding."""
+    dilated = (n - 1) * lhs_dilation + 1
+    m = (dilated + sum(pad) - (k - 1) * rhs_dilation - 1) // stride + 1
+    taps = (o * stride + t * rhs_dilation - pad[0] for o in range(m) for t in range(k))
+    return sum(1 for i in taps if 0 <= i < dilated and i % lhs_dilation == 0)
+
+
+def _conv_flops(lhs: tuple, rhs: tuple, out: tuple, params: dict) -> int:
+    """2 per multiply-add of a convolution, skipping taps on padding as XLA's cost analysis does."""
+    lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
+    valid = math.prod(
+        _valid_taps(lhs[lhs_spec[2 + d]], rhs[rhs_spec[2 + d]], params["window_strides"][d], params["padding"][d],
+                    params["lhs_dilation"][d], params["rhs_dilation"][d])
+        for d in range(len(lhs_spec) - 2)
+    )
+    return 2 * out[out_spec[0]] * out[out_spec[1]] * rhs[rhs_spec[1]] * valid
+
+
+def jaxpr_flops(jaxpr) -> int:
+    """FLOPs of the convolutions and matrix products in a jaxpr (2 per multiply-add): a scan body counts once per
+    iteration, a cond its costliest branch. XLA's own cost analysis counts a loop body once, and JAX on GPU gives
+    none before compiling."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            lhs, rhs, out = eqn.invars[0].aval, eqn.invars[1].aval, eqn.outvars[0].aval
+            total += _conv_flops(lhs.shape, rhs.shape, out.shape, eqn.params)
+        elif eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            total += 2 * eqn.outvars[0].aval.size * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+        else:
+            inner = [jaxpr_flops(j) for p in eqn.params.values() for j in _inner_jaxprs(p)]
+            if eqn.primitive.name == "cond":
+                total += max(inner, default=0)
+            else:
+                total += eqn.params["length"] * sum(inner) if eqn.primitive.name == "scan" else sum(inner)
+    return total
+
+
+def model_flops(config, make_step, args) -> int:
+    """FLOPs of one step of the config's program, without rematerialisation: recomputed activations are not
+    model FLOPs."""
     config = config.copy_and_resolve_references()
-    keys = ("enc_blocks", "dec_blocks", "lr_enc_blocks")
-    config.scan_unroll = max(len(parse_layer_string(config.model[k])) for k in keys if config.model.get(k))
-    return config
+    config.remat = False
+    return jaxpr_flops(jax.make_jaxpr(make_step(config, model_from_config(config)))(*args).jaxpr)
 
 
 def train_step(config, model):
@@ -149,7 +201,6 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
     compiled, lower_s, compile_s, cpu_s = compile_program(make_step(config, model), args)
     logging.info("batch %d: traced and lowered in %.1f s, compiled in %.1f s (%.1f CPU s)", batch_size, lower_s,
                  compile_s, cpu_s)
-    unrolled = fully_unrolled(config)
     memory = compiled.memory_analysis()
     record = {
         "batch_size": batch_size,
@@ -159,7 +210,7 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
         "compile_cpu_s": cpu_s,
         "xla_temp_bytes": memory.temp_size_in_bytes,
         "donated_bytes": memory.alias_size_in_bytes,
-        "flops_per_step": make_step(unrolled, model_from_config(unrolled)).lower(*args).cost_analysis()["flops"],
+        "flops_per_step": model_flops(config, make_step, args),
     }
     if steps:
         record.update(throughput(record, step_seconds(compiled, args, steps, warmup, carries_state=mode == "train"),
@@ -194,6 +245,18 @@ def is_out_of_memory(error: Exception) -> bool:
     return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
 
 
+def measure_or_out_of_memory(measure, batch_size: int) -> dict:
+    """`measure(batch_size)`, or a record that says the batch did not fit, so that one batch too large for the device
+    does not lose the others' measurements."""
+    try:
+        return measure(batch_size)
+    except jax.errors.JaxRuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        logging.warning("batch %d: out of device memory", batch_size)
+        return {"batch_size": batch_size, "out_of_memory": True}
+
+
 def largest_batch(measure, fits: int) -> tuple[int, list[dict]]:
     """Doubles a batch size that fits until `measure(batch)` runs out of memory: (the largest that fit, the records
     of the doubled sizes that fit)."""
@@ -224,6 +287,9 @@ def markdown(report: dict) -> str:
     head += ["peak memory (GiB)", "XLA temp (GiB)", "GFLOP/step", "TFLOP/s", "MFU"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
+        if r.get("out_of_memory"):
+            rows.append(f"| {r['batch_size']} | out of memory |" + " |" * (len(head) - 2))
+            continue
         cells = [str(r["batch_size"]), _cell(r["compile_time_s"]), _cell(r.get("step_s_median"), 1e3),
                  _cell(r.get("images_per_s"))]
         if upscale:
@@ -250,10 +316,13 @@ def main(argv) -> None:
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
         "device": device.device_kind, "platform": device.platform, "compute_dtype": config.compute_dtype,
         "remat": config.remat, "scan_unroll": config.scan_unroll, "steps": _STEPS.value, "warmup": _WARMUP.value,
-        "results": [measure(b) for b in batch_sizes],
+        "results": [measure_or_out_of_memory(measure, b) for b in batch_sizes],
     }
     if _FIND_MAX.value:
-        report["max_batch_size"], more = largest_batch(measure, batch_sizes[-1])
+        fitted = [r["batch_size"] for r in report["results"] if not r.get("out_of_memory")]
+        if not fitted:
+            raise app.UsageError(f"none of --batch_sizes={_BATCH_SIZES.value} fits on the device")
+        report["max_batch_size"], more = largest_batch(measure, fitted[-1])
         report["results"] += more
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(report, indent=1))

@@ -83,7 +83,7 @@ def pad_channels(x, width: int):
 
 
 def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1, remat: bool = False):
-    """Scans `fn(module, carry, xs, *broadcast)` over `length` blocks with stacked params and per-block rngs.
+    """Scans `fn(module, carry, xs, *broadcast)` over `length` blocks with stacked params.
 
     `unroll` > 1 unrolls that many blocks per loop iteration: XLA:CPU runs conv gradients inside a
     loop ~10x slower than unrolled, so CPU configs unroll fully; GPUs and TPUs keep the fast compile.
@@ -93,7 +93,7 @@ def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1, remat: bool
     return nn.scan(
         nn.remat(fn, prevent_cse=False) if remat else fn,
         variable_axes={"params": 0},
-        split_rngs={"params": True, "sample": True},
+        split_rngs={"params": True},
         in_axes=(0,) + (nn.broadcast,) * n_xs_broadcast,
         length=length,
         unroll=unroll,
@@ -173,11 +173,6 @@ class DecBlock(nn.Module):
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
 
-    def _noise(self, step, like):
-        if "eps" in step:
-            return step["eps"]
-        return jax.random.normal(self.make_rng("sample"), like.shape, like.dtype)
-
     def _finish(self, x, z, step):
         z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
         return self.resnet(x + self.z_proj(z).astype(x.dtype)), z
@@ -189,7 +184,7 @@ class DecBlock(nn.Module):
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
         pm, pv, xpp = self._prior(x)
         x = x + xpp
-        z = D.gaussian_sample(qm, qv, self._noise(step, qm))
+        z = D.gaussian_sample(qm, qv, step["eps"])
         kl = D.gaussian_kl(qm, pm, qv, pv)
         x, z = self._finish(x, z, step)
         return x, (z, kl.sum(axis=(1, 2, 3)))
@@ -199,15 +194,18 @@ class DecBlock(nn.Module):
         x = self._condition(x, cond)
         pm, pv, xpp = self._prior(x)
         x = x + xpp
-        z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), self._noise(step, pm))
+        z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), step["eps"])
         x, z = self._finish(x, z, step)
         return x, z
 
 
-def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, latents, temperature, dtype,
+def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, noise_rng, latents, temperature, dtype,
                   n_latents=None) -> list[dict]:
     """Stacks per-layer noise, latents (absent layers masked out) and temperatures for each run; `n_latents`
-    (may be traced) keeps only the first that many of the given latents."""
+    (may be traced) keeps only the first that many of the given latents.
+
+    Without `eps`, all layers' noise comes from one draw of `noise_rng` outside the scans: per-block draws inside
+    them cost XLA:CPU a tenth of the train step's compile time in random-bit kernels."""
     n_layers = runs[-1].stop
     latents = list(latents or [])
     if len(latents) > n_layers:
@@ -222,18 +220,22 @@ def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, latents, temperat
     use = jnp.asarray([z is not None for z in latents])
     if n_latents is not None:
         use = use & (jnp.arange(n_layers) < n_latents)
+    if eps is None:
+        sizes = [run.length * n * run.res**2 * zdim for run in runs]
+        flat = jnp.split(jax.random.normal(noise_rng, (sum(sizes),)), np.cumsum(sizes)[:-1])
+        run_eps = [f.reshape(run.length, n, run.res, run.res, zdim) for run, f in zip(runs, flat)]
+    else:
+        run_eps = [jnp.stack(eps[run.start : run.stop]) for run in runs]
     out = []
-    for run in runs:
+    for run, noise in zip(runs, run_eps):
         shape = (n, run.res, run.res, zdim)
         layers = range(run.start, run.stop)
-        step = {
+        out.append({
             "latent": jnp.stack([jnp.zeros(shape, dtype) if latents[i] is None else latents[i] for i in layers]),
             "use_latent": use[run.start : run.stop],
             "t": t[run.start : run.stop],
-        }
-        if eps is not None:
-            step["eps"] = jnp.stack([eps[i] for i in layers])
-        out.append(step)
+            "eps": noise,
+        })
     return out
 
 
@@ -283,7 +285,8 @@ class Decoder(nn.Module):
             for j, res in enumerate(r for r in resolutions if r <= self.no_bias_above)
         }
         cond = cond or {}
-        steps = _layer_inputs(runs, n, self.zdim, eps, latents, temperature, dtype, n_latents)
+        noise_rng = self.make_rng("sample") if eps is None else None
+        steps = _layer_inputs(runs, n, self.zdim, eps, noise_rng, latents, temperature, dtype, n_latents)
         zs, kls = [], []
         for run, step in zip(runs, steps):
             w = widths[run.res]

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU measurements that the README's speed section quotes, one benchmark per argument, in the order given:
+#   bash benchmarks/gpu.sh sr64_bf16 sr64_remat upscale sr64_fp32 sr256 sr256_remat imagenet64
+# Each writes NAME.json to $OUT (or benchmarks/results) and prints its table; all output goes to log.txt there too.
+set -uo pipefail
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+log="$out/log.txt"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | tee -a "$log"
+python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, "optax",
+  optax.__version__, jax.devices())' 2>&1 | tee -a "$log"
+
+bench() {  # NAME SECONDS FLAGS...: one benchmark run, stopped after SECONDS
+  local name=$1 seconds=$2
+  shift 2
+  echo "## $name: $*" | tee -a "$log"
+  local start=$SECONDS
+  timeout "$seconds" python3 -m benchmarks.benchmark --output="$out/$name.json" "$@" >>"$log" 2>&1
+  echo "exit $? after $((SECONDS - start)) s" | tee -a "$log"
+  [ -f "$out/$name.json" ] && python3 -c 'import json, sys; from benchmarks.benchmark import markdown
+print(markdown(json.load(open(sys.argv[1]))))' "$out/$name.json" | tee -a "$log"
+}
+
+for what in "$@"; do
+  case $what in
+    sr64_bf16) bench sr64_bf16 140 --config=configs/sr64.py --compute_dtype=bfloat16 --batch_sizes=16 ;;
+    sr64_remat) bench sr64_remat 140 --config=configs/sr64.py --compute_dtype=bfloat16 --remat --batch_sizes=64 ;;
+    sr64_fp32) bench sr64_fp32 120 --config=configs/sr64.py --compute_dtype=float32 --batch_sizes=16 ;;
+    upscale) bench upscale 70 --config=configs/sr64.py --mode=upscale --compute_dtype=bfloat16 --batch_sizes=256 ;;
+    sr256) bench sr256 240 --config=configs/sr256.py --compute_dtype=bfloat16 --batch_sizes=4 --steps=3 \
+      --find_max_batch ;;
+    sr256_remat) bench sr256_remat 240 --config=configs/sr256.py --compute_dtype=bfloat16 --remat --batch_sizes=4 \
+      --steps=3 --find_max_batch ;;
+    imagenet64) bench imagenet64 120 --config=configs/vdvae_imagenet64.py --compute_dtype=bfloat16 \
+      --batch_sizes=64 ;;
+    *) echo "unknown benchmark: $what" >&2; exit 2 ;;
+  esac
+done
