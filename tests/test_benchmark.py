@@ -1,9 +1,10 @@
-"""The speed benchmark on the demo config: its report's numbers agree with each other, and the search for the
+"""The speed benchmark on a tiny VDVAE-SR: its report's numbers agree with each other, and the search for the
 largest batch stops at the first out-of-memory error."""
 
 import jax
 import jax.numpy as jnp
 import pytest
+from tiny_training import tiny_config
 
 from benchmarks.benchmark import (
     benchmark,
@@ -15,20 +16,18 @@ from benchmarks.benchmark import (
     train_inputs,
     train_step,
 )
-from configs.demo import get_config
 from vdvae_sr_jax import train
 from vdvae_sr_jax.model import init_params, model_from_config
 
 
 @pytest.fixture(scope="module")
 def config():
-    config = get_config()
-    config.scan_unroll = 1  # the rolled loop compiles fastest; FLOPs are still counted for every block
-    return config
+    return tiny_config(steps=2, batch_per_device=2, checkpoint_every=0)  # rolled scans; FLOPs count every block
 
 
 def _state_bytes(config) -> int:
-    trainable, _ = train.split_params(jax.eval_shape(lambda: init_params(model_from_config(config))), ())
+    trainable, _ = train.split_params(jax.eval_shape(lambda: init_params(model_from_config(config))),
+                                      config.train.frozen)
     state = jax.eval_shape(lambda p: train.init_state(p, train.make_optimizer(config.train), jax.random.key(0)),
                            trainable)
     return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(state))
@@ -39,13 +38,13 @@ def test_training_report(config):
     assert record["batch_size"] == 2 and record["compile_time_s"] > record["compile_s"] > 0
     assert 0 < record["step_s_min"] <= record["step_s_median"] <= record["step_s_max"]
     assert record["images_per_s"] == pytest.approx(2 / record["step_s_median"])
-    # XLA's cost analysis of the same step with every scan unrolled also counts the elementwise maths: convolutions
-    # and matrix products are most, not all, of it.
+    # XLA's cost analysis of the same step with every scan unrolled also counts the elementwise maths, which at
+    # these tiny widths (16 channels, 4 in the bottleneck) is over half of it.
     unrolled = config.copy_and_resolve_references()
     unrolled.scan_unroll = 64
     args = train_inputs(unrolled, model_from_config(unrolled), 2)
     xla = train_step(unrolled, model_from_config(unrolled)).lower(*args).cost_analysis()["flops"]
-    assert 0.5 * xla < record["flops_per_step"] < xla
+    assert 0.25 * xla < record["flops_per_step"] < 0.75 * xla
     assert record["tflops_per_s"] == pytest.approx(record["flops_per_step"] / record["step_s_median"] / 1e12)
     assert record["donated_bytes"] == _state_bytes(config)  # the whole train state is updated in place
     assert record["peak_memory_bytes"] is None and record["mfu"] is None  # CPU: no allocator stats, no peak

@@ -23,8 +23,8 @@ class TrainState:
     """Everything a training step reads and writes; a pytree, so it checkpoints and shards as a whole.
 
     The trainable params, their EMA and Adam's moments are flat vectors, and `params`/`ema_params` unravel them:
-    XLA then compiles the update as a few elementwise kernels instead of several per param leaf, which cut the
-    sr64 step's XLA:CPU compile time by a quarter.
+    XLA then compiles the update as a few elementwise kernels instead of several per param leaf: half the LLVM IR
+    of the sr64 step's XLA:CPU compile had been those, for its 466 leaves.
     """
 
     step: jax.Array
