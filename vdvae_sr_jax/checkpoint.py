@@ -81,7 +81,13 @@ class TrainCheckpoints:
         if step is None:
             return None
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+        except ValueError as error:
+            raise ValueError(
+                f"the checkpoint at {self.manager.directory / str(step)} does not fit this config's training state "
+                f"(another model, or written by an older version of this project); use a new --workdir: {error}"
+            ) from error
 
     def close(self) -> None:
         self.manager.wait_until_finished()
