@@ -117,12 +117,11 @@ def jaxpr_flops(jaxpr) -> int:
         elif eqn.primitive.name == "dot_general":
             (contracting, _), _ = eqn.params["dimension_numbers"]
             total += 2 * eqn.outvars[0].aval.size * math.prod(eqn.invars[0].aval.shape[d] for d in contracting)
+        elif eqn.primitive.name == "cond":
+            total += max((jaxpr_flops(j) for j in _inner_jaxprs(eqn.params["branches"])), default=0)
         else:
-            inner = [jaxpr_flops(j) for p in eqn.params.values() for j in _inner_jaxprs(p)]
-            if eqn.primitive.name == "cond":
-                total += max(inner, default=0)
-            else:
-                total += eqn.params["length"] * sum(inner) if eqn.primitive.name == "scan" else sum(inner)
+            inner = sum(jaxpr_flops(j) for p in eqn.params.values() for j in _inner_jaxprs(p))
+            total += eqn.params["length"] * inner if eqn.primitive.name == "scan" else inner
     return total
 
 

@@ -96,7 +96,7 @@ def train_step(
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_rng)
     grads = ravel_pytree(grads)[0]
-    grad_norm = jnp.sqrt(jnp.sum(grads**2))
+    grad_norm = optax.tree.norm(grads)
     lr = warmup_schedule(train)(state.step)
     opt_state = _set_learning_rate(state.opt_state, lr)
     updates, new_opt_state = tx.update(grads, opt_state, state.flat_params)
