@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -25,6 +26,7 @@ from absl import app, flags, logging
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from ml_collections import config_flags
 
+from benchmarks import op_profile
 from vdvae_sr_jax import data, evaluate, train
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 
@@ -38,6 +40,8 @@ _REMAT = flags.DEFINE_bool("remat", None, "Set config.remat (rematerialise top-d
 _DTYPE = flags.DEFINE_enum("compute_dtype", None, ["float32", "bfloat16"], "Set config.compute_dtype.")
 _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Double the largest batch size until the device is out of "
                               "memory (GPU or TPU only).")
+_PROFILE = flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with the JAX profiler and "
+                                "report the device time per kind of op and of the costliest ops.")
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON report.")
 
 UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
@@ -178,9 +182,9 @@ def compile_program(fn, args) -> tuple:
     return compiled, lowered_at - start, time.perf_counter() - lowered_at, time.process_time() - cpu_start
 
 
-def step_seconds(compiled, args, steps: int, warmup: int, carries_state: bool) -> list[float]:
-    """Seconds of each of `steps` calls after `warmup` untimed ones, each waited for with block_until_ready;
-    a training step's output state is the next step's input, since the old one is donated."""
+def step_seconds(compiled, args, steps: int, warmup: int, carries_state: bool) -> tuple[list[float], tuple]:
+    """(seconds of each of `steps` calls after `warmup` untimed ones, each waited for with block_until_ready; the
+    next call's args): a training step's output state is the next step's input, since the old one is donated."""
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -189,11 +193,13 @@ def step_seconds(compiled, args, steps: int, warmup: int, carries_state: bool) -
             times.append(time.perf_counter() - start)
         if carries_state:
             args = (out[0], *args[1:])
-    return times
+    return times, args
 
 
-def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, warmup: int = 2) -> dict:
-    """One batch size's measurements: compile time, memory and FLOPs, then (if `steps`) step time and throughput."""
+def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, warmup: int = 2,
+              profile_steps: int = 0) -> dict:
+    """One batch size's measurements: compile time, memory and FLOPs, then (if `steps`) step time and throughput,
+    then (if `profile_steps`) the device time per kind of op."""
     make_step, make_inputs = PROGRAMS[mode]
     model = model_from_config(config)
     args = make_inputs(config, model, batch_size)
@@ -211,9 +217,19 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
         "donated_bytes": memory.alias_size_in_bytes,
         "flops_per_step": model_flops(config, make_step, args),
     }
+    carries_state = mode == "train"
     if steps:
-        record.update(throughput(record, step_seconds(compiled, args, steps, warmup, carries_state=mode == "train"),
-                                 config, mode))
+        times, args = step_seconds(compiled, args, steps, warmup, carries_state)
+        record.update(throughput(record, times, config, mode))
+    if profile_steps:
+        try:
+            with tempfile.TemporaryDirectory() as trace_dir:
+                record["profile"] = op_profile.profile_steps(
+                    lambda: step_seconds(compiled, args, profile_steps, 0, carries_state), profile_steps, trace_dir,
+                    compiled.as_text())
+        except Exception as error:  # noqa: BLE001 (a profiler that cannot see the device must not lose the timings)
+            logging.warning("batch %d: no profile: %s", batch_size, error)
+            record["profile_error"] = str(error)
     return record
 
 
@@ -279,7 +295,7 @@ def _cell(value, scale: float = 1.0) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The report's measurements as a Markdown table, one row per batch size."""
+    """The report's measurements as a Markdown table, one row per batch size, then each profiled batch's profile."""
     upscale = report["mode"] == "upscale"
     head = ["batch", "compile (s)", "step (ms)", "images/s"]
     head += ["LR Mpixel/s", f"{UPSCALE_SIZE}² LR images/s"] if upscale else []
@@ -296,6 +312,8 @@ def markdown(report: dict) -> str:
         cells += [_cell(r.get("peak_memory_bytes"), 2**-30), _cell(r["xla_temp_bytes"], 2**-30),
                   _cell(r["flops_per_step"], 1e-9), _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
         rows.append("| " + " | ".join(cells) + " |")
+    profiled = [r for r in report["results"] if "profile" in r]
+    rows += [f"\nbatch {r['batch_size']}: {op_profile.markdown(r['profile'])}" for r in profiled]
     return "\n".join(rows)
 
 
@@ -309,7 +327,8 @@ def main(argv) -> None:
         config.remat = _REMAT.value
     if _DTYPE.value is not None:
         config.compute_dtype = _DTYPE.value
-    measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value)
+    measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                      profile_steps=_PROFILE.value)
     batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)  # the allocator's peak only rises
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,

@@ -34,7 +34,7 @@ def _state_bytes(config) -> int:
 
 
 def test_training_report(config):
-    record = benchmark(config, batch_size=2, mode="train", steps=2, warmup=1)
+    record = benchmark(config, batch_size=2, mode="train", steps=2, warmup=1, profile_steps=2)
     assert record["batch_size"] == 2 and record["compile_time_s"] > record["compile_s"] > 0
     assert 0 < record["step_s_min"] <= record["step_s_median"] <= record["step_s_max"]
     assert record["images_per_s"] == pytest.approx(2 / record["step_s_median"])
@@ -48,8 +48,11 @@ def test_training_report(config):
     assert record["tflops_per_s"] == pytest.approx(record["flops_per_step"] / record["step_s_median"] / 1e12)
     assert record["donated_bytes"] == _state_bytes(config)  # the whole train state is updated in place
     assert record["peak_memory_bytes"] is None and record["mfu"] is None  # CPU: no allocator stats, no peak
+    profile = record["profile"]  # the tiny model's convolutions are cheap, but they are there
+    assert profile["steps"] == 2 and profile["categories"]["convolution"]["ms_per_step"] > 0
     table = markdown({"mode": "train", "results": [record]})
     assert table.splitlines()[2].startswith("| 2 |") and table.count("| n/a |") == 2  # peak memory and MFU
+    assert "batch 2: Device time per step" in table
     compile_only = {k: record[k] for k in ("batch_size", "compile_time_s", "xla_temp_bytes", "flops_per_step")}
     assert markdown({"mode": "train", "results": [compile_only]}).count("n/a") == 5  # what --steps=0 leaves out
 

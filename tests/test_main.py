@@ -18,19 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sr_demo_trains_and_writes_outputs(tmp_path, subprocess_env):
     subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
-         "--config.train.steps=40", "--config.train.log_every=10", "--config.train.steps_per_epoch=20",
-         "--config.train.sample_every=40", "--config.data.eval_images=4", "--config.scan_unroll=1"],
+         "--config.train.steps=20", "--config.train.log_every=5", "--config.train.steps_per_epoch=10",
+         "--config.train.sample_every=20", "--config.data.eval_images=4", "--config.scan_unroll=1"],
         cwd=ROOT, check=True, capture_output=True, env=subprocess_env,
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train_records] == [10, 20, 30, 40]
+    assert [r["step"] for r in train_records] == [5, 10, 15, 20]
     assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.3
     assert {"rate_1", "rate_32", "grad_norm", "lr", "skipped_total", "images_per_second"} <= set(train_records[0])
-    assert [r["step"] for r in records if "val_elbo" in r] == [20, 40]
+    assert [r["step"] for r in records if "val_elbo" in r] == [10, 20]
     result = json.loads((tmp_path / "train_result.json").read_text())
-    assert np.isfinite(result["val_elbo"]) and result["step"] == 40 and not result["stopped"]
-    grid = np.asarray(Image.open(tmp_path / "samples_0000040.png"))  # 4 rows: LR | bicubic | 3 SR | HR
+    assert np.isfinite(result["val_elbo"]) and result["step"] == 20 and not result["stopped"]
+    grid = np.asarray(Image.open(tmp_path / "samples_0000020.png"))  # 4 rows: LR | bicubic | 3 SR | HR
     assert grid.shape == (4 * 34 + 2, 6 * 34 + 2, 3) and grid.std() > 5
     assert any((tmp_path / "tensorboard").iterdir())
 
