@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
@@ -32,6 +33,14 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "upsc
 _INPUT = flags.DEFINE_string("input", None, "upscale: an image file, a folder or a glob pattern.")
 _OUTPUT = flags.DEFINE_string("output", None, "upscale: the folder for the outputs (never overwrites an input).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+
+
+def use_compilation_cache(path: str) -> None:
+    """Keeps compiled programs in `path` across runs (the least recently used go beyond 4 GiB), unless
+    JAX_COMPILATION_CACHE_DIR names another place."""
+    if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)
 
 
 def trained_params(config, model, workdir: Path):
@@ -92,6 +101,7 @@ def main(argv) -> None:
         jax.distributed.initialize()
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     workdir.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(config.compilation_cache)
     model = model_from_config(config)
     if _MODE.value == "train":
         try:
