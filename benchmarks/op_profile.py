@@ -15,9 +15,9 @@ from pathlib import Path
 import jax
 
 # Each kind: the HLO opcodes that make an op one (its own, or any in the computations it calls, as a fusion
-# does), and a pattern for op and kernel names where the compiled HLO is not at hand. Tried in this order: cuDNN's
-# convolution kernels are "implicit gemm"s, and Triton matmuls are "gemm_fusion"s. "fusion" is the elementwise
-# and reduction code XLA generates itself (XLA:CPU "wraps" a lone elementwise op as one).
+# does), and a pattern for op and kernel names where the opcodes do not tell (library calls, or no HLO at hand).
+# Tried in this order: cuDNN's convolution kernels are "implicit gemm"s, and Triton matmuls are "gemm_fusion"s.
+# "fusion" is the elementwise and reduction code XLA generates itself (XLA:CPU "wraps" a lone elementwise op).
 CATEGORIES = (
     ("convolution", {"convolution"}, re.compile(r"cudnn-conv|convolution|conv_general|fprop|dgrad|wgrad")),
     ("matmul", {"dot"}, re.compile(r"gemm|cublas|\bdot|matmul")),
@@ -53,12 +53,11 @@ def hlo_opcodes(hlo_text: str) -> dict[str, frozenset[str]]:
 
 
 def category(names: str, opcodes: frozenset[str] = frozenset()) -> str:
-    """The kind of an op from its HLO opcodes (see `hlo_opcodes`), else from its and its kernels' names: one of
-    CATEGORIES' names, or "other"."""
-    for name, kinds, pattern in CATEGORIES:
-        if opcodes & kinds or (not opcodes and pattern.search(names)):
-            return name
-    return "other"
+    """The kind of an op from its HLO opcodes (see `hlo_opcodes`), else from its and its kernels' names (a cuDNN or
+    cuBLAS call is a `custom-call`): one of CATEGORIES' names, or "other"."""
+    by_opcode = (name for name, kinds, _ in CATEGORIES if opcodes & kinds)
+    by_name = (name for name, _, pattern in CATEGORIES if pattern.search(names))
+    return next(by_opcode, None) or next(by_name, "other")
 
 
 def _device_events(profile, on_host: bool) -> tuple[str, list]:

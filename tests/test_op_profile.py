@@ -111,13 +111,16 @@ ENTRY %main (a: bf16[2,8,8,4], b: bf16[3,3,4,4]) -> (bf16[2,8,8,4], bf16[2,8,8,4
   %b = bf16[3,3,4,4]{3,2,1,0} parameter(1)
   %fusion.7 = bf16[2,8,8,4]{3,2,1,0} fusion(%a, %b), kind=kCustom, calls=%fused_conv
   %gemm_fusion_copy.2 = bf16[2,8,8,4]{3,2,1,0} copy(%a)
+  %cudnn-conv.1 = (bf16[2,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%a, %b), custom_call_target="__cudnn$convForward"
+  %g = bf16[2,8,8,4]{3,2,1,0} get-tuple-element(%cudnn-conv.1), index=0
   ROOT %t = (bf16[2,8,8,4]{3,2,1,0}, bf16[2,8,8,4]{3,2,1,0}) tuple(%fusion.7, %gemm_fusion_copy.2)
 }
 """
-    assert op_profile.hlo_opcodes(hlo)["fusion.7"] == {"fusion", "parameter", "convolution"}
-    stream = [_event(2, 0, 7, "fusion.7"), _event(2, 10, 3, "gemm_fusion_copy.2")]
+    opcodes = op_profile.hlo_opcodes(hlo)
+    assert opcodes["fusion.7"] == {"fusion", "parameter", "convolution"} and opcodes["cudnn-conv.1"] == {"custom-call"}
+    stream = [_event(2, 0, 7, "fusion.7"), _event(2, 10, 3, "gemm_fusion_copy.2"), _event(1, 20, 5, "cudnn-conv.1")]
     profile = ProfileData.from_text_proto(_plane("/device:GPU:0", {"Stream #7": stream}, KERNELS))
     by_name = {o["op"]: o["category"] for o in op_profile.summarize(profile, 1)["top_ops"]}
-    assert by_name == {"fusion.7": "fusion", "gemm_fusion_copy.2": "matmul"}  # names alone mislead
+    assert by_name == {"fusion.7": "fusion", "gemm_fusion_copy.2": "matmul", "cudnn-conv.1": "convolution"}
     by_hlo = {o["op"]: o["category"] for o in op_profile.summarize(profile, 1, hlo_text=hlo)["top_ops"]}
-    assert by_hlo == {"fusion.7": "convolution", "gemm_fusion_copy.2": "copy/transpose"}
+    assert by_hlo == {"fusion.7": "convolution", "gemm_fusion_copy.2": "copy/transpose", "cudnn-conv.1": "convolution"}
