@@ -44,15 +44,14 @@ def test_vdvae_evaluates_and_samples_its_checkpoint(tmp_path, subprocess_env):
     common = [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo_vdvae.py", f"--workdir={tmp_path}",
               "--config.train.steps=10", "--config.train.log_every=5", "--config.sample.num=4",
               "--config.scan_unroll=1", f"--config.compilation_cache={cache}", *small]
-    for mode in ("train", "evaluate", "sample"):
-        subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True, env=env)
+    logs = {mode: subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True, text=True,
+                                 env=dict(env, JAX_LOG_COMPILES="1")).stderr
+            for mode in ("train", "evaluate", "sample")}
     result = json.loads((tmp_path / "evaluate_result.json").read_text())
     assert 2 < result["bits_per_dim"] < 12 and result["n_images"] == 8  # all the embedded photos
     assert len(list(cache.iterdir())) >= 4  # at least init, the train step, the ELBO and a sampler
-    rerun = subprocess.run(common + ["--mode=evaluate"], cwd=ROOT, check=True, capture_output=True, text=True,
-                           env=dict(env, JAX_LOG_COMPILES="1"))
-    assert "Persistent compilation cache hit for 'jit__per_image_elbo'" in rerun.stderr
-    assert json.loads((tmp_path / "evaluate_result.json").read_text()) == result
+    assert "Persistent compilation cache hit" not in logs["train"]
+    assert "Persistent compilation cache hit" in logs["evaluate"]  # training too unravelled the flat EMA params
     grid = np.asarray(Image.open(tmp_path / "samples.png"))
     assert grid.shape == (4 * 18 + 2, 4 * 18 + 2, 3) and grid.std() > 5
     sampled = json.loads((tmp_path / "sample_result.json").read_text())
