@@ -29,8 +29,8 @@ Array = Any
 
 
 def gelu(x):
-    """The exact (erf) GELU that the official code uses, not the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """The exact GELU as the official code computes it, x/2 (1 + erf(x/sqrt 2)), not the tanh approximation."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None):
