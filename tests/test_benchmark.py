@@ -39,12 +39,12 @@ def test_training_report(config):
     assert 0 < record["step_s_min"] <= record["step_s_median"] <= record["step_s_max"]
     assert record["images_per_s"] == pytest.approx(2 / record["step_s_median"])
     # XLA's cost analysis of the same step with every scan unrolled also counts the elementwise maths, which at
-    # these tiny widths (16 channels, 4 in the bottleneck) is over half of it.
+    # these tiny widths (16 channels, 4 in the bottleneck) is about a quarter of it (23%).
     unrolled = config.copy_and_resolve_references()
     unrolled.scan_unroll = 64
     args = train_inputs(unrolled, model_from_config(unrolled), 2)
     xla = train_step(unrolled, model_from_config(unrolled)).lower(*args).cost_analysis()["flops"]
-    assert 0.25 * xla < record["flops_per_step"] < 0.75 * xla
+    assert 0.6 * xla < record["flops_per_step"] < 0.9 * xla
     assert record["tflops_per_s"] == pytest.approx(record["flops_per_step"] / record["step_s_median"] / 1e12)
     assert record["donated_bytes"] == _state_bytes(config)  # the whole train state is updated in place
     assert record["peak_memory_bytes"] is None and record["mfu"] is None  # CPU: no allocator stats, no peak
