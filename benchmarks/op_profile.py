@@ -77,18 +77,17 @@ def _device_events(profile, on_host: bool) -> tuple[str, list]:
     return f"{device.name}: {'stream' if streams else 'XLA Ops'} lines", [list(line.events) for line in chosen]
 
 
-def _self_times(events: list) -> list[tuple[str, str, float]]:
-    """(op, kernel, self ns) of one line's events, less the time of the events nested in each."""
-    out = []
-    stack: list[list] = []  # [end, index into out] of the enclosing events
+def _self_times(events: list) -> list[list]:
+    """[op, kernel, self ns] of one line's events, less the time of the events nested in each."""
+    out: list[list] = []
+    stack: list[tuple[float, list]] = []  # (end, entry in out) of the enclosing events
     for event in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
         while stack and stack[-1][0] <= event.start_ns:
             stack.pop()
         if stack:
-            parent = out[stack[-1][1]]
-            out[stack[-1][1]] = (parent[0], parent[1], parent[2] - event.duration_ns)
-        out.append((dict(event.stats).get("hlo_op") or event.name, event.name, event.duration_ns))
-        stack.append([event.start_ns + event.duration_ns, len(out) - 1])
+            stack[-1][1][2] -= event.duration_ns
+        out.append([dict(event.stats).get("hlo_op") or event.name, event.name, event.duration_ns])
+        stack.append((event.start_ns + event.duration_ns, out[-1]))
     return out
 
 
