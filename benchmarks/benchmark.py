@@ -333,7 +333,8 @@ def main(argv) -> None:
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
         "device": device.device_kind, "platform": device.platform, "compute_dtype": config.compute_dtype,
-        "remat": config.remat, "scan_unroll": config.scan_unroll, "steps": _STEPS.value, "warmup": _WARMUP.value,
+        "remat": config.remat, "scan_unroll": config.scan_unroll, "pointwise_dot": config.pointwise_dot,
+        "steps": _STEPS.value, "warmup": _WARMUP.value,
         "results": [measure_or_out_of_memory(measure, b) for b in batch_sizes],
     }
     if _FIND_MAX.value:

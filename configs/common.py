@@ -57,6 +57,7 @@ def vdvae_config(
     config.compute_dtype = "float32"
     config.scan_unroll = 1  # blocks unrolled per scan step; CPU runs unrolled gradients ~10x faster
     config.remat = False  # recompute top-down blocks' activations in the backward pass; saves memory with rolled scans
+    config.pointwise_dot = False  # 1x1 convs as matrix products, which XLA:GPU can fuse GELUs into; the same params
     # Compiled programs persist here, so a rerun, a resume or another mode skips XLA's compile; "" disables it.
     # JAX_COMPILATION_CACHE_DIR, if set, is used instead.
     config.compilation_cache = "~/.cache/vdvae_sr_jax/jax"

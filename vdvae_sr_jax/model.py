@@ -33,9 +33,14 @@ def gelu(x):
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None):
-    """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias."""
+def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None,
+         dot: bool = False):
+    """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias.
+
+    With `dot`, a 1x1 conv runs as a matrix product (`Pointwise`, the same params)."""
     init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
+    if dot and kernel == 1:
+        return Pointwise(features, kernel_init=init, dtype=dtype, name=name)
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -46,6 +51,24 @@ def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: boo
         dtype=dtype,
         name=name,
     )
+
+
+class Pointwise(nn.Module):
+    """A 1x1 conv as a matrix product over channels, with nn.Conv's params: (1, 1, in, out) and (out,).
+
+    On a GPU, XLA can fuse elementwise neighbours (GELU, bias, residual add) into a matrix product, not into a
+    cuDNN convolution."""
+
+    features: int
+    kernel_init: Any
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return jnp.dot(x, kernel[0, 0]) + bias
 
 
 class Block(nn.Module):
@@ -59,14 +82,16 @@ class Block(nn.Module):
     zero_last: bool = False
     last_scale: float = 1.0
     dtype: Any = None
+    pointwise_dot: bool = False
 
     @nn.compact
     def __call__(self, x):
         k = 3 if self.use_3x3 else 1
-        h = conv(self.middle_width, 1, "c1", dtype=self.dtype)(gelu(x))
-        h = conv(self.middle_width, k, "c2", dtype=self.dtype)(gelu(h))
-        h = conv(self.middle_width, k, "c3", dtype=self.dtype)(gelu(h))
-        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, dtype=self.dtype)(gelu(h))
+        opts = dict(dtype=self.dtype, dot=self.pointwise_dot)
+        h = conv(self.middle_width, 1, "c1", **opts)(gelu(x))
+        h = conv(self.middle_width, k, "c2", **opts)(gelu(h))
+        h = conv(self.middle_width, k, "c3", **opts)(gelu(h))
+        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, **opts)(gelu(h))
         out = x + h if self.residual else h
         if self.down_rate is not None:
             out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
@@ -109,6 +134,7 @@ class Encoder(nn.Module):
     bottleneck_multiple: float = 0.25
     scan_unroll: int = 1
     dtype: Any = None
+    pointwise_dot: bool = False
 
     @nn.compact
     def __call__(self, x) -> dict[int, Array]:
@@ -126,6 +152,7 @@ class Encoder(nn.Module):
                 use_3x3=run.res > 2,
                 last_scale=math.sqrt(1.0 / len(blocks)),
                 dtype=self.dtype,
+                pointwise_dot=self.pointwise_dot,
                 name=run.name,
             )
             if run.stacked:
@@ -152,15 +179,16 @@ class DecBlock(nn.Module):
     n_blocks: int
     gated: bool = False
     dtype: Any = None
+    pointwise_dot: bool = False
 
     def setup(self):
-        use_3x3 = self.res > 2
         mid = int(self.width * self.bottleneck_multiple)
         scale = math.sqrt(1.0 / self.n_blocks)
-        self.enc = Block(mid, self.zdim * 2, use_3x3=use_3x3, dtype=self.dtype)
-        self.prior = Block(mid, self.zdim * 2 + self.width, use_3x3=use_3x3, zero_last=True, dtype=self.dtype)
-        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype)
-        self.resnet = Block(mid, self.width, residual=True, use_3x3=use_3x3, last_scale=scale, dtype=self.dtype)
+        opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise_dot=self.pointwise_dot)
+        self.enc = Block(mid, self.zdim * 2, **opts)
+        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, **opts)
+        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise_dot)
+        self.resnet = Block(mid, self.width, residual=True, last_scale=scale, **opts)
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
@@ -244,10 +272,11 @@ class DmolNet(nn.Module):
 
     num_mixtures: int
     dtype: Any = None
+    pointwise_dot: bool = False
 
     @nn.compact
     def __call__(self, px_z):
-        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype)(px_z)
+        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype, dot=self.pointwise_dot)(px_z)
 
 
 class Decoder(nn.Module):
@@ -265,6 +294,7 @@ class Decoder(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
+    pointwise_dot: bool = False
 
     @nn.compact
     def __call__(self, activations, n: int, eps=None, latents=None, temperature=None, cond=None, n_latents=None):
@@ -296,7 +326,7 @@ class Decoder(nn.Module):
                 x = x + jnp.repeat(jnp.repeat(xs[run.extra][..., :w], up, axis=1), up, axis=2)
             block = DecBlock(
                 run.res, w, self.zdim, self.bottleneck_multiple, len(blocks), gated=self.gated, dtype=self.dtype,
-                name=run.name,
+                pointwise_dot=self.pointwise_dot, name=run.name,
             )
             c = cond.get(run.res)
             if c is not None and c.shape[-1] != w:
@@ -317,7 +347,7 @@ class Decoder(nn.Module):
         gain = self.param("gain", nn.initializers.ones, (1, 1, 1, self.width))
         bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, self.width))
         px_z = xs[self.image_size] * gain + bias
-        logits = DmolNet(self.num_mixtures, dtype=self.dtype, name="out_net")(px_z)
+        logits = DmolNet(self.num_mixtures, self.dtype, self.pointwise_dot, name="out_net")(px_z)
         kl = jnp.concatenate(kls, axis=0).T if kls else None
         return px_z, logits, zs, kl
 
@@ -338,15 +368,18 @@ class VDVAE(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
+    pointwise_dot: bool = False
     gated: ClassVar[bool] = False
 
     def setup(self):
         self.encoder = Encoder(
-            self.width, self.enc_blocks, self.custom_width_str, self.bottleneck_multiple, self.scan_unroll, self.dtype
+            self.width, self.enc_blocks, self.custom_width_str, self.bottleneck_multiple, self.scan_unroll, self.dtype,
+            self.pointwise_dot,
         )
         self.decoder = Decoder(
             self.width, self.zdim, self.dec_blocks, self.image_size, self.num_mixtures, self.custom_width_str,
             self.bottleneck_multiple, self.no_bias_above, self.gated, self.scan_unroll, self.remat, self.dtype,
+            self.pointwise_dot,
         )
 
     @property
@@ -409,7 +442,7 @@ class VDVAESR(VDVAE):
             raise ValueError("VDVAESR needs lr_image_size, lr_enc_blocks and lr_width for its LR encoder")
         self.lr_encoder = Encoder(
             self.lr_width, self.lr_enc_blocks, self.lr_custom_width_str, self.bottleneck_multiple, self.scan_unroll,
-            self.dtype,
+            self.dtype, self.pointwise_dot,
         )
 
     def encode_lr(self, x_lr) -> dict[int, Array]:
@@ -442,9 +475,9 @@ def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:
 
 
 def model_from_config(config) -> VDVAE:
-    """The VDVAE a config file describes, with its compute dtype, scan unrolling and rematerialisation."""
+    """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and 1x1 convs."""
     return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll,
-                              remat=config.remat)
+                              remat=config.remat, pointwise_dot=config.pointwise_dot)
 
 
 def init_params(model: VDVAE, rng=None):

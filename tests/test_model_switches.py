@@ -1,0 +1,70 @@
+"""The model's speed switches (remat, 1x1 convs as matrix products): the same params, loss and gradients."""
+
+import jax
+import numpy as np
+import pytest
+from jax.extend.core import jaxprs_in_params
+from tiny_training import tiny_config
+
+from vdvae_sr_jax import data, train
+from vdvae_sr_jax.model import init_params, model_from_config
+
+
+def _model(**switches):
+    config = tiny_config(steps=1, batch_per_device=4, checkpoint_every=1)
+    config.update(switches)
+    return config, model_from_config(config)
+
+
+def _loss_and_grads(params, **switches):
+    config, model = _model(**switches)
+    trainable, frozen = train.split_params(params, config.train.frozen)
+    hr = np.stack([data.center_crop(im, model.image_size) for _, im in data.embedded_photos()[:4]])
+    batch = data.model_batch(hr, config.data, model.low_bit, model.image_size // model.lr_image_size)
+    grad_fn = jax.jit(jax.value_and_grad(train.elbo_loss(model), has_aux=True))
+    args = (trainable, frozen, batch, jax.random.key(4))
+    (loss, _), grads = grad_fn(*args)
+    return float(loss), grads, grad_fn.lower(*args).cost_analysis()["flops"], _count_nested(grad_fn, args)
+
+
+def _count_nested(fn, args) -> dict[str, int]:
+    """How many conv and dot_general equations the function's jaxpr holds, sub-jaxprs (scan bodies) included."""
+    counts = {"conv_general_dilated": 0, "dot_general": 0}
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in counts:
+                counts[eqn.primitive.name] += 1
+            for sub in jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Params, and the loss, gradients, FLOPs and op counts of the default model."""
+    params = init_params(_model()[1], jax.random.key(3))
+    return params, _loss_and_grads(params)
+
+
+@pytest.mark.parametrize("switch, rtol", [("remat", 1e-6), ("pointwise_dot", 3e-5)])
+def test_switch_keeps_param_names_loss_and_gradients(reference, switch, rtol):
+    params, (loss, grads, flops, ops) = reference
+    switched = jax.eval_shape(lambda: init_params(_model(**{switch: True})[1]))
+    assert jax.tree_util.tree_structure(switched) == jax.tree_util.tree_structure(params)
+    s_loss, s_grads, s_flops, s_ops = _loss_and_grads(params, **{switch: True})
+    if switch == "remat":
+        assert s_flops > 1.1 * flops  # the backward pass recomputes the top-down blocks' forward pass (1.18x)
+    else:
+        # c1, c4, z_proj and out_conv (and c2, c3 at 1x1 and 2x2) become matrix products of the same FLOPs
+        assert ops["dot_general"] == 0 and s_ops["dot_general"] > ops["conv_general_dilated"] / 2
+        assert s_ops["dot_general"] + s_ops["conv_general_dilated"] == ops["conv_general_dilated"]
+        assert abs(s_flops - flops) <= 0.02 * flops
+    assert 1.0 < loss < 10.0 and abs(s_loss - loss) <= rtol * loss
+    flat, s_flat = jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(s_grads)
+    assert len(flat) > 50
+    for (path, g), r in zip(flat, s_flat):
+        scale = max(np.abs(g).max(), 1e-12)
+        np.testing.assert_allclose(r, g, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
