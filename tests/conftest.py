@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -13,6 +15,22 @@ import pytest
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+CACHE_ENV = "VDVAE_SR_TEST_JAX_CACHE"  # set by the controlling pytest process; its workers inherit it
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the whole run, its xdist workers and their subprocesses: many tests
+    compile the same small models, and XLA:CPU compiles dominate the suite. A cached executable computes the same
+    numbers."""
+    if CACHE_ENV not in os.environ:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="vdvae_sr_jax_test_cache_")
+        config.add_cleanup(lambda: shutil.rmtree(os.environ.pop(CACHE_ENV), ignore_errors=True))
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=os.environ[CACHE_ENV], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    jax.config.update("jax_compilation_cache_dir", os.environ[CACHE_ENV])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def reference_dir(name: str) -> Path:
@@ -41,15 +59,9 @@ def assert_close(actual, expected, rtol=1e-4, what=""):
 
 
 @pytest.fixture(scope="session")
-def subprocess_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for test subprocesses: a JAX compilation cache shared by this session's runs of the same
-    programs, across pytest-xdist workers too (XLA:CPU compiles dominate their time; a cached executable computes
-    the same numbers)."""
-    root = tmp_path_factory.getbasetemp()
-    cache = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "jax_cache"  # one for all workers
-    cache.mkdir(exist_ok=True)
-    return dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", JAX_PLATFORMS="cpu")
+def subprocess_env() -> dict[str, str]:
+    """Environment for test subprocesses: the CPU, and the run's compilation cache (`pytest_configure`)."""
+    return dict(os.environ, JAX_PLATFORMS="cpu")
 
 
 def assert_posterior_matches(out: dict, ref: dict, n_layers: int) -> None:
