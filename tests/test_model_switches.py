@@ -1,13 +1,16 @@
-"""The model's speed switches (remat, 1x1 convs as matrix products): the same params, loss and gradients."""
+"""The model's speed switches (remat, 1x1 convs as matrix products) give the same params, loss and gradients; a 1x1
+conv of several inputs is one of their concatenation."""
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 from tiny_training import tiny_config
 
 from vdvae_sr_jax import data, train
-from vdvae_sr_jax.model import init_params, model_from_config
+from vdvae_sr_jax.model import Pointwise, init_params, model_from_config
 
 
 def _model(**switches):
@@ -68,3 +71,16 @@ def test_switch_keeps_param_names_loss_and_gradients(reference, switch, rtol):
     for (path, g), r in zip(flat, s_flat):
         scale = max(np.abs(g).max(), 1e-12)
         np.testing.assert_allclose(r, g, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_pointwise_of_several_inputs_is_a_1x1_conv_of_their_concatenation(dot):
+    a, b = jax.random.normal(jax.random.key(0), (2, 5, 5, 6)), jax.random.normal(jax.random.key(1), (2, 5, 5, 10))
+    pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot)
+    params = pointwise.init(jax.random.key(2), a, b)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
+    expected = nn.Conv(8, (1, 1)).apply(params, jnp.concatenate([a, b], axis=-1))
+    np.testing.assert_allclose(pointwise.apply(params, a, b), expected, rtol=1e-5, atol=1e-5)
+    # Only the inputs that need a gradient get one: none flows back to the concatenation's other part.
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: pointwise.apply(params, x, jax.lax.stop_gradient(b)).sum()))(a)
+    assert sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.jaxpr.eqns) == 3

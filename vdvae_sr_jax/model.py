@@ -35,12 +35,11 @@ def gelu(x):
 
 def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None,
          dot: bool = False):
-    """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias.
-
-    With `dot`, a 1x1 conv runs as a matrix product (`Pointwise`, the same params)."""
+    """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias; 1x1 convs are
+    `Pointwise` (with `dot`, a matrix product), with the same params."""
     init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
-    if dot and kernel == 1:
-        return Pointwise(features, kernel_init=init, dtype=dtype, name=name)
+    if kernel == 1:
+        return Pointwise(features, init, dtype, dot, name=name)
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -54,21 +53,30 @@ def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: boo
 
 
 class Pointwise(nn.Module):
-    """A 1x1 conv as a matrix product over channels, with nn.Conv's params: (1, 1, in, out) and (out,).
+    """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,), of the channel concatenation of its inputs.
 
-    On a GPU, XLA can fuse elementwise neighbours (GELU, bias, residual add) into a matrix product, not into a
-    cuDNN convolution."""
+    Each input meets its slice of the kernel, so the concatenation is never built, and an input that needs no
+    gradient gets no backward pass. With `dot`, each product is a matrix product over channels: on a GPU, XLA can
+    fuse elementwise neighbours (GELU, bias, residual add) into a matrix product, not into a cuDNN convolution."""
 
     features: int
     kernel_init: Any
     dtype: Any = None
+    dot: bool = False
 
     @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features))
+    def __call__(self, *xs):
+        widths = [x.shape[-1] for x in xs]
+        kernel = self.param("kernel", self.kernel_init, (1, 1, sum(widths), self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return jnp.dot(x, kernel[0, 0]) + bias
+        *xs, kernel, bias = nn.dtypes.promote_dtype(*xs, kernel, bias, dtype=self.dtype)
+        parts = jnp.split(kernel, np.cumsum(widths)[:-1], axis=2)
+        return sum(self._product(x, k) for x, k in zip(xs, parts)) + bias
+
+    def _product(self, x, kernel):
+        if self.dot:
+            return jnp.dot(x, kernel[0, 0])
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Block(nn.Module):
@@ -85,10 +93,12 @@ class Block(nn.Module):
     pointwise_dot: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, *activated):
+        """`activated`: more inputs, already through GELU, that c1 sees concatenated to x (a block without a
+        residual only); a loop-invariant one is then activated once, outside the loop."""
         k = 3 if self.use_3x3 else 1
         opts = dict(dtype=self.dtype, dot=self.pointwise_dot)
-        h = conv(self.middle_width, 1, "c1", **opts)(gelu(x))
+        h = conv(self.middle_width, 1, "c1", **opts)(gelu(x), *activated)
         h = conv(self.middle_width, k, "c2", **opts)(gelu(h))
         h = conv(self.middle_width, k, "c3", **opts)(gelu(h))
         h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, **opts)(gelu(h))
@@ -205,10 +215,11 @@ class DecBlock(nn.Module):
         z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
         return self.resnet(x + self.z_proj(z).astype(x.dtype)), z
 
-    def posterior(self, x, step, acts, cond):
-        """One block of the inference pass: z ~ q(z | x, acts); returns state, (z, KL summed over H, W, C)."""
+    def posterior(self, x, step, activated_acts, cond):
+        """One block of the inference pass: z ~ q(z | x, acts), given GELU(acts); returns state, (z, KL summed over
+        H, W, C)."""
         x = self._condition(x, cond)
-        enc = self.enc(jnp.concatenate([x, acts.astype(x.dtype)], axis=-1)).astype(jnp.float32)
+        enc = self.enc(x, activated_acts).astype(jnp.float32)
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
         pm, pv, xpp = self._prior(x)
         x = x + xpp
@@ -315,6 +326,8 @@ class Decoder(nn.Module):
             for j, res in enumerate(r for r in resolutions if r <= self.no_bias_above)
         }
         cond = cond or {}
+        if activations is not None:  # each block's posterior sees GELU(acts): computed once per resolution
+            activations = {res: gelu(a.astype(dtype)) for res, a in activations.items() if res in resolutions}
         noise_rng = self.make_rng("sample") if eps is None else None
         steps = _layer_inputs(runs, n, self.zdim, eps, noise_rng, latents, temperature, dtype, n_latents)
         zs, kls = [], []
