@@ -81,6 +81,12 @@ def test_pointwise_of_several_inputs_is_a_1x1_conv_of_their_concatenation(dot):
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     expected = nn.Conv(8, (1, 1)).apply(params, jnp.concatenate([a, b], axis=-1))
     np.testing.assert_allclose(pointwise.apply(params, a, b), expected, rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(3), expected.shape)  # a loss that weighs every output differently
+    split = jax.grad(lambda p, a, b: (pointwise.apply(p, a, b) * weights).sum(), argnums=(0, 1, 2))(params, a, b)
+    joint = jax.grad(lambda p, a, b: (nn.Conv(8, (1, 1)).apply(p, jnp.concatenate([a, b], -1)) * weights).sum(),
+                     argnums=(0, 1, 2))(params, a, b)
+    for s, j in zip(jax.tree.leaves(split), jax.tree.leaves(joint)):
+        np.testing.assert_allclose(s, j, rtol=1e-5, atol=1e-5)
     # Only the inputs that need a gradient get one: none flows back to the concatenation's other part.
     jaxpr = jax.make_jaxpr(jax.grad(lambda x: pointwise.apply(params, x, jax.lax.stop_gradient(b)).sum()))(a)
     assert sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.jaxpr.eqns) == 3
