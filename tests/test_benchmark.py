@@ -7,6 +7,7 @@ import pytest
 from tiny_training import tiny_config
 
 from benchmarks.benchmark import (
+    DoesNotFit,
     benchmark,
     jaxpr_flops,
     largest_batch,
@@ -76,10 +77,14 @@ def test_peak_table_matches_device_kinds():
     assert peak_tflops("cpu", "float32") is None
 
 
-def test_largest_batch_doubles_until_out_of_memory():
+@pytest.mark.parametrize("too_large", [
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes"),
+    DoesNotFit("batch 24 needs 70.0 GiB, the GPU gives 59.3"),  # --target_gpu: XLA's memory against the GPU's
+])
+def test_largest_batch_doubles_until_out_of_memory(too_large):
     def measure(batch):
         if batch > 12:
-            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes")
+            raise too_large
         return {"batch_size": batch}
 
     def broken(batch):
@@ -107,6 +112,20 @@ def test_a_batch_out_of_memory_is_recorded_and_the_rest_kept():
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         measure_or_out_of_memory(broken, 1)
+
+
+def test_a_target_gpu_report_tabulates_memory_and_roofline():
+    record = {"batch_size": 64, "compile_time_s": 50.0, "xla_memory_bytes": 12 * 2**30, "roofline_step_s": 0.2,
+              "roofline_mfu": 0.25, "xla_temp_bytes": 11 * 2**30, "flops_per_step": 4.9e13,
+              "roofline": {"peak_tflops": 989.4, "bandwidth_tb_s": 3.35, "launch_us": 2.0, "kinds": {
+                  "total": {"launches": 10, "gbytes": 600.0, "tflops": 63.0, "ms": 200.0, "memory_ms": 179.0}}}}
+    table = markdown({"mode": "train", "target_gpu": "h100", "results": [
+        record, measure_or_out_of_memory(lambda b: (_ for _ in ()).throw(DoesNotFit("too large")), 128)]})
+    lines = table.splitlines()
+    assert lines[0].startswith("| batch | compile (s) | XLA memory (GiB) | roofline step (ms) | roofline MFU |")
+    assert lines[2] == "| 64 | 50 | 12 | 200 | 0.25 | 11 | 49000 |"
+    assert lines[3].startswith("| 128 | out of memory |") and lines[3].count("|") == lines[0].count("|")
+    assert "| total | 10 | 600.0 | 63.00 | 200.0 | 179.0 |" in table
 
 
 def test_jaxpr_flops_match_xla_on_the_unrolled_program():

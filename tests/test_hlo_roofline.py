@@ -1,0 +1,75 @@
+"""The HLO roofline's kernels, bytes and FLOPs, on programs XLA compiled here and one it compiled for an H100."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import hlo_roofline
+
+# `jax.grad` of sum((conv3x3(gelu(x), w) + x)²) in bf16, x [2, 8, 8, 16], w [3, 3, 16, 16], compiled for
+# `benchmark.gpu_target("h100")` on a machine without a GPU.
+H100_CONV_GRAD = Path(__file__).parent / "data" / "h100_conv_grad.hlo"
+
+
+def _compiled(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_an_elementwise_program_reads_and_writes_its_array_once():
+    (kernel,) = hlo_roofline.kernels(_compiled(lambda x: x * 2 + 1, jnp.ones((512, 256))))
+    assert (kernel.kind, kernel.count, kernel.bytes_read, kernel.bytes_written, kernel.flops) == (
+        "fusion", 1, 512 * 256 * 4, 512 * 256 * 4, 0)
+
+
+def test_convolution_and_matmul_flops():
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    (kernel,) = hlo_roofline.kernels(_compiled(conv, jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 5))))
+    assert (kernel.kind, kernel.flops) == ("convolution", 2 * (2 * 8 * 8 * 5) * (3 * 3 * 4))
+    assert kernel.bytes_read == (2 * 8 * 8 * 4 + 3 * 3 * 4 * 5) * 4 and kernel.bytes_written == 2 * 8 * 8 * 5 * 4
+    (kernel,) = hlo_roofline.kernels(_compiled(jnp.dot, jnp.ones((32, 64)), jnp.ones((64, 16))))
+    assert (kernel.kind, kernel.flops) == ("matmul", 2 * 32 * 16 * 64)
+
+
+def test_a_loop_body_counts_once_per_trip_and_a_stacked_output_writes_one_slice():
+    def scan(x):
+        return jax.lax.scan(lambda c, _: (jnp.sin(c) * 2.0, c), x, None, length=7)
+
+    kernels = hlo_roofline.kernels(_compiled(scan, jnp.ones((256, 256))))
+    in_loop = [k for k in kernels if k.count == 7]
+    fusions = [k for k in in_loop if k.kind == "fusion" and k.bytes_written == 256 * 256 * 4]
+    assert len(fusions) == 2  # sin(c) * 2, and c written into the [7, 256, 256] stack in place
+    assert max(k.bytes_written for k in in_loop) == 256 * 256 * 4  # a trip writes one slice, not the stack
+
+
+def test_cudnn_calls_of_a_gpu_program():
+    kernels = {k.name: k for k in hlo_roofline.kernels(H100_CONV_GRAD.read_text())}
+    convs = [k for k in kernels.values() if k.kind == "convolution"]
+    assert sorted(k.name.rsplit(".", 1)[0] for k in convs) == [
+        "cudnn-conv-bias-activation", "cudnn-conv-bw-filter", "cudnn-conv-bw-input"]
+    assert all(k.flops == 2 * (2 * 8 * 8 * 16) * (3 * 3 * 16) for k in convs)  # forward, dx and dW alike
+    forward = kernels["cudnn-conv-bias-activation.3"]
+    x, w, bias = 2 * 8 * 8 * 16 * 2, 3 * 3 * 16 * 16 * 2, 16 * 2
+    assert forward.bytes_read == x + w + bias + x  # GELU(x), the kernel, the bias and the residual x
+    assert forward.bytes_written == x  # not cuDNN's scratch buffer
+    assert kernels["cudnn-conv-bw-filter.1"].bytes_written == w
+
+
+def test_roofline_takes_each_kernel_at_its_slower_bound():
+    hlo = H100_CONV_GRAD.read_text()
+    kernels = hlo_roofline.kernels(hlo)
+    peak, bandwidth, launch = 1e12, 1e9, 1e-6
+    report = hlo_roofline.roofline(hlo, peak, bandwidth, launch)
+    total = report["kinds"]["total"]
+    moved = sum(k.bytes_read + k.bytes_written for k in kernels)
+    assert total["launches"] == len(kernels) == 9
+    assert total["gbytes"] == pytest.approx(moved / 1e9)
+    assert total["tflops"] == pytest.approx(3 * 589824 / 1e12)
+    expected = sum(max(k.flops / peak, (k.bytes_read + k.bytes_written) / bandwidth) + launch for k in kernels)
+    assert total["ms"] == pytest.approx(expected * 1e3)
+    assert total["memory_ms"] == pytest.approx(moved / bandwidth * 1e3)
+    assert sum(r["launches"] for kind, r in report["kinds"].items() if kind != "total") == 9
+    assert "| convolution | 3 |" in hlo_roofline.markdown(report)
