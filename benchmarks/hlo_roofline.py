@@ -24,6 +24,7 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
         "opt-barrier", "partition-id", "replica-id", "async-done", "copy-done", "domain"}
 SLICES = {"slice", "dynamic-slice", "gather"}
+PASS_THROUGH = {"convert", "bitcast", "reshape"}  # element for element: a slice of their output reads as little
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +154,23 @@ class _Program:
         for i in body:
             for operand in i.operands:
                 users[operand].append(i)
+        def elements_read(name: str, size: int) -> int:
+            """Elements of `name` (of `size`) that the fused code reads: through converts and bitcasts, only those
+            of its slices if it is only sliced."""
+            uses = users[name]
+            if not uses or any(u.opcode not in SLICES | PASS_THROUGH for u in uses):
+                return size
+            sliced = sum(math.prod(array_dims(u.type)) if u.opcode in SLICES else elements_read(u.name, size)
+                         for u in uses)
+            return min(size, sliced)
+
         read = 0
         for parameter in (i for i in body if i.opcode == "parameter"):
             uses = users[parameter.name]
-            if uses and all(u.opcode in SLICES for u in uses):
-                read += sum(array_bytes(u.type) for u in uses)
-            elif not (uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter.name
-                                   for u in uses)):
-                read += array_bytes(parameter.type)
+            if uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter.name for u in uses):
+                continue
+            size = math.prod(array_dims(parameter.type))
+            read += array_bytes(parameter.type) * elements_read(parameter.name, size) // max(size, 1)
         by_name = {i.name: i for i in body}
         root = next(i for i in body if i.root)
         outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]

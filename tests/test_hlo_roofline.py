@@ -45,6 +45,28 @@ def test_a_loop_body_counts_once_per_trip_and_a_stacked_output_writes_one_slice(
     assert max(k.bytes_written for k in in_loop) == 256 * 256 * 4  # a trip writes one slice, not the stack
 
 
+def test_a_fusion_reads_only_the_slices_of_a_converted_operand():
+    """As XLA:GPU fuses the bf16 cast of the flat f32 params with each layer's slice of them."""
+    hlo = """HloModule m
+
+%fused (p: f32[65536]) -> (bf16[256], bf16[8,32]) {
+  %p = f32[65536]{0} parameter(0)
+  %c = bf16[65536]{0} convert(%p)
+  %a = bf16[256]{0} slice(%c), slice={[0:256]}
+  %b = bf16[256]{0} slice(%c), slice={[1024:1280]}
+  %r = bf16[8,32]{1,0} bitcast(%b)
+  ROOT %t = (bf16[256]{0}, bf16[8,32]{1,0}) tuple(%a, %r)
+}
+
+ENTRY %main (v: f32[65536]) -> (bf16[256], bf16[8,32]) {
+  %v = f32[65536]{0} parameter(0)
+  ROOT %f = (bf16[256]{0}, bf16[8,32]{1,0}) fusion(%v), kind=kLoop, calls=%fused
+}
+"""
+    (kernel,) = hlo_roofline.kernels(hlo)
+    assert (kernel.bytes_read, kernel.bytes_written) == (2 * 256 * 4, 2 * 256 * 2)
+
+
 def test_cudnn_calls_of_a_gpu_program():
     kernels = {k.name: k for k in hlo_roofline.kernels(H100_CONV_GRAD.read_text())}
     convs = [k for k in kernels.values() if k.kind == "convolution"]
