@@ -24,7 +24,10 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
 FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "add-dependency",
         "opt-barrier", "partition-id", "replica-id", "async-done", "copy-done", "domain"}
 SLICES = {"slice", "dynamic-slice", "gather"}
-PASS_THROUGH = {"convert", "bitcast", "reshape"}  # element for element: a slice of their output reads as little
+# Ops whose every output element needs all of an input, or that hand an input on whole (as a fusion's output);
+# any other op (elementwise, broadcast, transpose) needs only the input elements under the output elements used.
+WHOLE = {"tuple", "reduce", "reduce-window", "dot", "convolution", "scatter", "sort", "select-and-scatter",
+         "dynamic-update-slice", "custom-call", "fusion", "concatenate", "pad", "reverse", "iota", "rng"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,15 +157,20 @@ class _Program:
         for i in body:
             for operand in i.operands:
                 users[operand].append(i)
-        def elements_read(name: str, size: int) -> int:
-            """Elements of `name` (of `size`) that the fused code reads: through converts and bitcasts, only those
-            of its slices if it is only sliced."""
-            uses = users[name]
-            if not uses or any(u.opcode not in SLICES | PASS_THROUGH for u in uses):
-                return size
-            sliced = sum(math.prod(array_dims(u.type)) if u.opcode in SLICES else elements_read(u.name, size)
-                         for u in uses)
-            return min(size, sliced)
+        memo: dict[str, int | None] = {}
+
+        def slices_only(name: str) -> int | None:
+            """Elements of `name` that the fused code reads if every use of it ends in slices (XLA computes a
+            fused elementwise op only where its output is used), else None."""
+            if name not in memo:
+                uses = users[name]
+                if not uses or any(u.opcode not in SLICES and (u.opcode in WHOLE or u.root) for u in uses):
+                    memo[name] = None
+                else:
+                    parts = [math.prod(array_dims(u.type)) if u.opcode in SLICES else slices_only(u.name)
+                             for u in uses]
+                    memo[name] = None if None in parts else sum(parts)
+            return memo[name]
 
         read = 0
         for parameter in (i for i in body if i.opcode == "parameter"):
@@ -170,7 +178,8 @@ class _Program:
             if uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter.name for u in uses):
                 continue
             size = math.prod(array_dims(parameter.type))
-            read += array_bytes(parameter.type) * elements_read(parameter.name, size) // max(size, 1)
+            sliced = slices_only(parameter.name)
+            read += array_bytes(parameter.type) * (size if sliced is None else min(size, sliced)) // max(size, 1)
         by_name = {i.name: i for i in body}
         root = next(i for i in body if i.root)
         outputs = [by_name[o] for o in root.operands] if root.opcode == "tuple" else [root]
