@@ -73,20 +73,31 @@ def test_switch_keeps_param_names_loss_and_gradients(reference, switch, rtol):
         np.testing.assert_allclose(r, g, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("splits", [(), (3,)])
 @pytest.mark.parametrize("dot", [False, True])
-def test_pointwise_of_several_inputs_is_a_1x1_conv_of_their_concatenation(dot):
+def test_pointwise_of_several_inputs_is_a_1x1_conv_of_their_concatenation(dot, splits):
+    """And with `splits`, its output comes in those parts, each its own product."""
     a, b = jax.random.normal(jax.random.key(0), (2, 5, 5, 6)), jax.random.normal(jax.random.key(1), (2, 5, 5, 10))
-    pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot)
+    pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot, splits=splits)
+
+    def joined(params, a, b):
+        out = pointwise.apply(params, a, b)
+        assert isinstance(out, tuple) == bool(splits)
+        return jnp.concatenate(out, axis=-1) if splits else out
+
     params = pointwise.init(jax.random.key(2), a, b)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     expected = nn.Conv(8, (1, 1)).apply(params, jnp.concatenate([a, b], axis=-1))
-    np.testing.assert_allclose(pointwise.apply(params, a, b), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(joined(params, a, b), expected, rtol=1e-5, atol=1e-5)
+    if splits:
+        assert [p.shape[-1] for p in pointwise.apply(params, a, b)] == [3, 5]
     weights = jax.random.normal(jax.random.key(3), expected.shape)  # a loss that weighs every output differently
-    split = jax.grad(lambda p, a, b: (pointwise.apply(p, a, b) * weights).sum(), argnums=(0, 1, 2))(params, a, b)
+    split = jax.grad(lambda p, a, b: (joined(p, a, b) * weights).sum(), argnums=(0, 1, 2))(params, a, b)
     joint = jax.grad(lambda p, a, b: (nn.Conv(8, (1, 1)).apply(p, jnp.concatenate([a, b], -1)) * weights).sum(),
                      argnums=(0, 1, 2))(params, a, b)
     for s, j in zip(jax.tree.leaves(split), jax.tree.leaves(joint)):
         np.testing.assert_allclose(s, j, rtol=1e-5, atol=1e-5)
     # Only the inputs that need a gradient get one: none flows back to the concatenation's other part.
-    jaxpr = jax.make_jaxpr(jax.grad(lambda x: pointwise.apply(params, x, jax.lax.stop_gradient(b)).sum()))(a)
-    assert sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.jaxpr.eqns) == 3
+    jaxpr = jax.make_jaxpr(jax.grad(lambda x: joined(params, x, jax.lax.stop_gradient(b)).sum()))(a)
+    products = sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.jaxpr.eqns)
+    assert products == 3 * (len(splits) + 1)  # per part: a's and b's forward, a's backward

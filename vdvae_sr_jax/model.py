@@ -34,12 +34,12 @@ def gelu(x):
 
 
 def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None,
-         dot: bool = False):
+         dot: bool = False, splits: tuple[int, ...] = ()):
     """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias; 1x1 convs are
-    `Pointwise` (with `dot`, a matrix product), with the same params."""
+    `Pointwise` (with `dot`, a matrix product; with `splits`, in parts), with the same params."""
     init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
     if kernel == 1:
-        return Pointwise(features, init, dtype, dot, name=name)
+        return Pointwise(features, init, dtype, dot, splits, name=name)
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -56,13 +56,16 @@ class Pointwise(nn.Module):
     """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,), of the channel concatenation of its inputs.
 
     Each input meets its slice of the kernel, so the concatenation is never built, and an input that needs no
-    gradient gets no backward pass. With `dot`, each product is a matrix product over channels: on a GPU, XLA can
-    fuse elementwise neighbours (GELU, bias, residual add) into a matrix product, not into a cuDNN convolution."""
+    gradient gets no backward pass. With `splits`, the output comes in parts split at those channels, each its own
+    product, so that a consumer of one part (a residual add) can fuse into it. With `dot`, each product is a matrix
+    product over channels: on a GPU, XLA can fuse elementwise neighbours into a matrix product, not into a cuDNN
+    convolution."""
 
     features: int
     kernel_init: Any
     dtype: Any = None
     dot: bool = False
+    splits: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, *xs):
@@ -70,8 +73,11 @@ class Pointwise(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (1, 1, sum(widths), self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         *xs, kernel, bias = nn.dtypes.promote_dtype(*xs, kernel, bias, dtype=self.dtype)
-        parts = jnp.split(kernel, np.cumsum(widths)[:-1], axis=2)
-        return sum(self._product(x, k) for x, k in zip(xs, parts)) + bias
+        outs = []
+        for k, b in zip(jnp.split(kernel, self.splits, axis=3), jnp.split(bias, self.splits)):
+            per_input = jnp.split(k, np.cumsum(widths)[:-1], axis=2)
+            outs.append(sum(self._product(x, part) for x, part in zip(xs, per_input)) + b)
+        return tuple(outs) if self.splits else outs[0]
 
     def _product(self, x, kernel):
         if self.dot:
@@ -80,7 +86,8 @@ class Pointwise(nn.Module):
 
 
 class Block(nn.Module):
-    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1)."""
+    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1); a block without a
+    residual returns its output in parts split at `out_splits` (see Pointwise)."""
 
     middle_width: int
     out_width: int
@@ -91,6 +98,7 @@ class Block(nn.Module):
     last_scale: float = 1.0
     dtype: Any = None
     pointwise_dot: bool = False
+    out_splits: tuple[int, ...] = ()
 
     @nn.compact
     def __call__(self, x, *activated):
@@ -101,7 +109,8 @@ class Block(nn.Module):
         h = conv(self.middle_width, 1, "c1", **opts)(gelu(x), *activated)
         h = conv(self.middle_width, k, "c2", **opts)(gelu(h))
         h = conv(self.middle_width, k, "c3", **opts)(gelu(h))
-        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, **opts)(gelu(h))
+        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, splits=self.out_splits,
+                 **opts)(gelu(h))
         out = x + h if self.residual else h
         if self.down_rate is not None:
             out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
@@ -196,17 +205,18 @@ class DecBlock(nn.Module):
         scale = math.sqrt(1.0 / self.n_blocks)
         opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise_dot=self.pointwise_dot)
         self.enc = Block(mid, self.zdim * 2, **opts)
-        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, **opts)
+        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, out_splits=(self.zdim * 2,), **opts)
         self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise_dot)
         self.resnet = Block(mid, self.width, residual=True, last_scale=scale, **opts)
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
     def _prior(self, x):
-        """Prior mean and log-std (in float32, where the KL and sampling maths run) and the state residual."""
-        feats = self.prior(x)
-        z = self.zdim
-        return feats[..., :z].astype(jnp.float32), feats[..., z : 2 * z].astype(jnp.float32), feats[..., 2 * z :]
+        """Prior mean and log-std (in float32, where the KL and sampling maths run) and the state residual, which
+        `prior.c4` computes apart so that the residual add fuses into it."""
+        stats, xpp = self.prior(x)
+        stats = stats.astype(jnp.float32)
+        return stats[..., : self.zdim], stats[..., self.zdim :], xpp
 
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
