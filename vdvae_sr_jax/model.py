@@ -33,8 +33,8 @@ def gelu(x):
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-def conv(features: int, kernel: int, name: str, *, scale: float = 1.0, zero: bool = False, dtype=None,
-         dot: bool = False, splits: tuple[int, ...] = ()):
+def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 1.0, zero: bool = False,
+         dtype=None, dot: bool = False, splits: tuple[int, ...] = ()):
     """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias; 1x1 convs are
     `Pointwise` (with `dot`, a matrix product; with `splits`, in parts), with the same params."""
     init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
@@ -68,21 +68,26 @@ class Pointwise(nn.Module):
     splits: tuple[int, ...] = ()
 
     @nn.compact
+    def weights(self, in_features: int):
+        """The (1, 1, in_features, out) kernel and (out,) bias, for products made outside (see DecBlock)."""
+        kernel = self.param("kernel", self.kernel_init, (1, 1, in_features, self.features))
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
+
     def __call__(self, *xs):
         widths = [x.shape[-1] for x in xs]
-        kernel = self.param("kernel", self.kernel_init, (1, 1, sum(widths), self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        *xs, kernel, bias = nn.dtypes.promote_dtype(*xs, kernel, bias, dtype=self.dtype)
+        *xs, kernel, bias = nn.dtypes.promote_dtype(*xs, *self.weights(sum(widths)), dtype=self.dtype)
         outs = []
         for k, b in zip(jnp.split(kernel, self.splits, axis=3), jnp.split(bias, self.splits)):
             per_input = jnp.split(k, np.cumsum(widths)[:-1], axis=2)
-            outs.append(sum(self._product(x, part) for x, part in zip(xs, per_input)) + b)
+            outs.append(sum(pointwise_product(x, part, self.dot) for x, part in zip(xs, per_input)) + b)
         return tuple(outs) if self.splits else outs[0]
 
-    def _product(self, x, kernel):
-        if self.dot:
-            return jnp.dot(x, kernel[0, 0])
-        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+def pointwise_product(x, kernel, dot: bool):
+    """x [N, H, W, in] times a (1, 1, in, out) kernel, as a 1x1 conv or (`dot`) a matrix product over channels."""
+    if dot:
+        return jnp.dot(x, kernel[0, 0])
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class Block(nn.Module):
@@ -100,17 +105,24 @@ class Block(nn.Module):
     pointwise_dot: bool = False
     out_splits: tuple[int, ...] = ()
 
-    @nn.compact
+    def setup(self):
+        k = 3 if self.use_3x3 else 1
+        opts = dict(dtype=self.dtype, dot=self.pointwise_dot)
+        self.c1 = conv(self.middle_width, 1, **opts)
+        self.c2 = conv(self.middle_width, k, **opts)
+        self.c3 = conv(self.middle_width, k, **opts)
+        self.c4 = conv(self.out_width, 1, scale=self.last_scale, zero=self.zero_last, splits=self.out_splits, **opts)
+
     def __call__(self, x, *activated):
         """`activated`: more inputs, already through GELU, that c1 sees concatenated to x (a block without a
         residual only); a loop-invariant one is then activated once, outside the loop."""
-        k = 3 if self.use_3x3 else 1
-        opts = dict(dtype=self.dtype, dot=self.pointwise_dot)
-        h = conv(self.middle_width, 1, "c1", **opts)(gelu(x), *activated)
-        h = conv(self.middle_width, k, "c2", **opts)(gelu(h))
-        h = conv(self.middle_width, k, "c3", **opts)(gelu(h))
-        h = conv(self.out_width, 1, "c4", scale=self.last_scale, zero=self.zero_last, splits=self.out_splits,
-                 **opts)(gelu(h))
+        return self.after_c1(x, self.c1(gelu(x), *activated))
+
+    def after_c1(self, x, h):
+        """The rest of the block, from c1's output h."""
+        h = self.c2(gelu(h))
+        h = self.c3(gelu(h))
+        h = self.c4(gelu(h))
         out = x + h if self.residual else h
         if self.down_rate is not None:
             out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
@@ -211,12 +223,24 @@ class DecBlock(nn.Module):
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
-    def _prior(self, x):
+    def _prior_outputs(self, feats):
         """Prior mean and log-std (in float32, where the KL and sampling maths run) and the state residual, which
         `prior.c4` computes apart so that the residual add fuses into it."""
-        stats, xpp = self.prior(x)
+        stats, xpp = feats
         stats = stats.astype(jnp.float32)
         return stats[..., : self.zdim], stats[..., self.zdim :], xpp
+
+    def _both_c1(self, x, activated_acts):
+        """The outputs of enc.c1 and prior.c1, which both read GELU(x): as one product with both kernels, GELU(x)
+        is read once and gets one gradient back. GELU(acts) meets the rest of enc.c1's kernel."""
+        w = x.shape[-1]
+        enc_kernel, enc_bias = self.enc.c1.weights(w + activated_acts.shape[-1])
+        gx, acts, enc_kernel, enc_bias, prior_kernel, prior_bias = nn.dtypes.promote_dtype(
+            gelu(x), activated_acts, enc_kernel, enc_bias, *self.prior.c1.weights(w), dtype=self.dtype)
+        h = pointwise_product(gx, jnp.concatenate([enc_kernel[:, :, :w], prior_kernel], axis=3), self.pointwise_dot)
+        mid = enc_bias.shape[0]
+        enc = h[..., :mid] + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise_dot) + enc_bias
+        return enc, h[..., mid:] + prior_bias
 
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
@@ -229,9 +253,10 @@ class DecBlock(nn.Module):
         """One block of the inference pass: z ~ q(z | x, acts), given GELU(acts); returns state, (z, KL summed over
         H, W, C)."""
         x = self._condition(x, cond)
-        enc = self.enc(x, activated_acts).astype(jnp.float32)
+        enc_h, prior_h = self._both_c1(x, activated_acts)
+        enc = self.enc.after_c1(x, enc_h).astype(jnp.float32)
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
-        pm, pv, xpp = self._prior(x)
+        pm, pv, xpp = self._prior_outputs(self.prior.after_c1(x, prior_h))
         x = x + xpp
         z = D.gaussian_sample(qm, qv, step["eps"])
         kl = D.gaussian_kl(qm, pm, qv, pv)
@@ -241,7 +266,7 @@ class DecBlock(nn.Module):
     def generate(self, x, step, cond):
         """One block of the generative pass: z ~ p(z) at the step's temperature."""
         x = self._condition(x, cond)
-        pm, pv, xpp = self._prior(x)
+        pm, pv, xpp = self._prior_outputs(self.prior(x))
         x = x + xpp
         z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), step["eps"])
         x, z = self._finish(x, z, step)
