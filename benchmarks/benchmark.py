@@ -194,6 +194,22 @@ def compile_program(fn, args) -> tuple:
     return compiled, lowered_at - start, time.perf_counter() - lowered_at, time.process_time() - cpu_start
 
 
+def compile_record(batch_size: int, seconds: tuple[float, float, float], memory, flops: int) -> dict:
+    """A batch size's compile measurements: (trace-and-lower, XLA compile, CPU) seconds, XLA's temporary and
+    donated bytes, and the model FLOPs per step."""
+    lower_s, compile_s, cpu_s = seconds
+    return {
+        "batch_size": batch_size,
+        "trace_and_lower_s": lower_s,
+        "compile_s": compile_s,
+        "compile_time_s": lower_s + compile_s,
+        "compile_cpu_s": cpu_s,
+        "xla_temp_bytes": memory.temp_size_in_bytes,
+        "donated_bytes": memory.alias_size_in_bytes,
+        "flops_per_step": flops,
+    }
+
+
 def step_seconds(compiled, args, steps: int, warmup: int, carries_state: bool) -> tuple[list[float], tuple]:
     """(seconds of each of `steps` calls after `warmup` untimed ones, each waited for with block_until_ready; the
     next call's args): a training step's output state is the next step's input, since the old one is donated."""
@@ -218,17 +234,8 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
     compiled, lower_s, compile_s, cpu_s = compile_program(make_step(config, model), args)
     logging.info("batch %d: traced and lowered in %.1f s, compiled in %.1f s (%.1f CPU s)", batch_size, lower_s,
                  compile_s, cpu_s)
-    memory = compiled.memory_analysis()
-    record = {
-        "batch_size": batch_size,
-        "trace_and_lower_s": lower_s,
-        "compile_s": compile_s,
-        "compile_time_s": lower_s + compile_s,
-        "compile_cpu_s": cpu_s,
-        "xla_temp_bytes": memory.temp_size_in_bytes,
-        "donated_bytes": memory.alias_size_in_bytes,
-        "flops_per_step": model_flops(config, make_step, args),
-    }
+    record = compile_record(batch_size, (lower_s, compile_s, cpu_s), compiled.memory_analysis(),
+                            model_flops(config, make_step, args))
     carries_state = mode == "train"
     if steps:
         times, args = step_seconds(compiled, args, steps, warmup, carries_state)
@@ -284,15 +291,8 @@ def target_benchmark(config, batch_size: int, target: str, mode: str = "train") 
     flops = model_flops(config, make_step, args)
     seconds = roofline["kinds"]["total"]["ms"] / 1e3
     return {
-        "batch_size": batch_size,
-        "trace_and_lower_s": lower_s,
-        "compile_s": compile_s,
-        "compile_time_s": lower_s + compile_s,
-        "compile_cpu_s": cpu_s,
-        "xla_temp_bytes": memory.temp_size_in_bytes,
-        "donated_bytes": memory.alias_size_in_bytes,
+        **compile_record(batch_size, (lower_s, compile_s, cpu_s), memory, flops),
         "xla_memory_bytes": needed,
-        "flops_per_step": flops,
         "roofline": roofline,
         "roofline_step_s": seconds,
         "roofline_mfu": flops / seconds / (peak * 1e12),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements that the README's speed section quotes, one benchmark per argument, in the order given:
-#   bash benchmarks/gpu.sh sr64_bf16 sr64_large sr64_remat sr64_dot upscale sr64_fp32 sr256 sr256_remat imagenet64
+#   bash benchmarks/gpu.sh sr64_unrolled sr64_remat sr64_bf16 sr64_large sr64_dot upscale sr64_fp32 sr256 sr256_remat \
+#     imagenet64
 # Each writes NAME.json to $OUT (or benchmarks/results) and prints its table (with the sr64 training runs, the
 # device time per kind of op over 3 profiled steps); all output goes to log.txt there too.
 set -uo pipefail
@@ -28,6 +29,8 @@ for what in "$@"; do
   case $what in
     sr64_bf16) bench sr64_bf16 140 --config=configs/sr64.py --compute_dtype=bfloat16 --batch_sizes=16 \
       --profile_steps=3 ;;
+    sr64_unrolled) bench sr64_unrolled 450 --config=configs/sr64.py --compute_dtype=bfloat16 --config.scan_unroll=64 \
+      --batch_sizes=64 --profile_steps=3 ;;
     sr64_large) bench sr64_large 150 --config=configs/sr64.py --compute_dtype=bfloat16 --batch_sizes=40 \
       --profile_steps=3 ;;
     sr64_remat) bench sr64_remat 150 --config=configs/sr64.py --compute_dtype=bfloat16 --remat --batch_sizes=64 \
