@@ -265,7 +265,7 @@ def gpu_target(name: str):
                                                 topology="1x1x1")
     except Exception as error:  # noqa: BLE001 (a missing plugin fails in several ways, each of them final)
         raise app.UsageError(f"--target_gpu={name} needs JAX's CUDA plugin (pip install 'jax[cuda12]'), which "
-                             f"could not make a {name} topology: {error}") from error
+                             f"could not make a topology for it: {error}") from error
     return topology.devices[0]
 
 

@@ -1,14 +1,19 @@
 """The speed benchmark on a tiny VDVAE-SR: its report's numbers agree with each other, and the search for the
 largest batch stops at the first out-of-memory error."""
 
+import importlib.util
+
 import jax
 import jax.numpy as jnp
 import pytest
+from absl import app
 from tiny_training import tiny_config
 
 from benchmarks.benchmark import (
+    GPU_TARGETS,
     DoesNotFit,
     benchmark,
+    gpu_target,
     jaxpr_flops,
     largest_batch,
     markdown,
@@ -154,3 +159,12 @@ def test_jaxpr_flops_match_xla_on_the_unrolled_program():
         dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=2))
     x, w = jnp.ones((3, 4, 9, 7)), jnp.ones((6, 2, 3, 2))
     assert jaxpr_flops(jax.make_jaxpr(odd)(x, w).jaxpr) == odd.lower(x, w).cost_analysis()["flops"] == 5040
+
+
+def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
+    assert {"h100", "h200"} <= set(GPU_TARGETS)
+    if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
+        pytest.skip("JAX's CUDA plugin is installed here: the target compiles")
+    message = r"--target_gpu=h100 needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"
+    with pytest.raises(app.UsageError, match=message):
+        gpu_target("h100")
