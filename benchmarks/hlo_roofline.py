@@ -211,8 +211,10 @@ class _Program:
             read = written = array_bytes(self.types[instruction.operands[1]])
         else:
             read = sum(array_bytes(self.types[o]) for o in instruction.operands)
-            written = array_bytes(re.sub(r"\bu8\[\d+\]", "", instruction.type))  # less cuDNN's scratch buffer
-        kind = op_profile.category(instruction.name, self.opcodes.get(instruction.name, frozenset()))
+            written = array_bytes(re.sub(r"\b[su]8\[\d+\]", "", instruction.type))  # less cuDNN's or cuBLAS's scratch
+        target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
+        names = instruction.name + (" " + target.group(1) if target else "")
+        kind = op_profile.category(names, self.opcodes.get(instruction.name, frozenset()))
         return Kernel(instruction.name, kind, count, read, written, self.flops(instruction))
 
 

@@ -80,6 +80,23 @@ def test_cudnn_calls_of_a_gpu_program():
     assert kernels["cudnn-conv-bw-filter.1"].bytes_written == w
 
 
+def test_a_cublas_matmul_call():
+    """As XLA:GPU calls cuBLASLt for a dot that Triton does not take: the call's scratch buffer is not output."""
+    hlo = """HloModule m
+
+ENTRY %main (a: bf16[64,32], b: bf16[32,16]) -> (bf16[64,16], s8[1024]) {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  ROOT %custom-call.1 = (bf16[64,16]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", \
+backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],\
+"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+}
+"""  # a backslash-newline continues the HLO line
+    (kernel,) = hlo_roofline.kernels(hlo)
+    assert (kernel.kind, kernel.flops) == ("matmul", 2 * 64 * 16 * 32)
+    assert (kernel.bytes_read, kernel.bytes_written) == ((64 * 32 + 32 * 16) * 2, 64 * 16 * 2)
+
+
 def test_roofline_takes_each_kernel_at_its_slower_bound():
     hlo = H100_CONV_GRAD.read_text()
     kernels = hlo_roofline.kernels(hlo)
