@@ -98,6 +98,12 @@ def _attribute(instruction: Instruction, key: str) -> str | None:
     return match.group(1) if match else None
 
 
+def custom_call_target(instruction: Instruction) -> str:
+    """The library function a custom call calls (a cuDNN convolution, a cuBLAS matmul), or ""."""
+    match = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
+    return match.group(1) if match else ""
+
+
 def trip_count(instruction: Instruction) -> int:
     """A while loop's trip count as XLA inferred it (its `known_trip_count`); 1 where XLA could not."""
     match = re.search(r'"known_trip_count":\{"n":"(\d+)"', instruction.attributes)
@@ -108,8 +114,9 @@ def conv_flops(instruction: Instruction, types: dict[str, str]) -> int:
     """2 per multiply-add of a convolution (an HLO convolution or a cuDNN call), from its kernel and the forward
     convolution's output; padding taps counted."""
     labels = re.search(r"dim_labels=\w+_(\w+)->(\w+)", instruction.attributes)
-    target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
-    target = target.group(1) if target else ""
+    if labels is None:
+        return 0
+    target = custom_call_target(instruction)
     operand_types = [types[o] for o in instruction.operands]
     if "BackwardFilter" in target:  # (x, dy) -> dW
         kernel, output = array_dims(instruction.type), array_dims(operand_types[1])
@@ -118,7 +125,7 @@ def conv_flops(instruction: Instruction, types: dict[str, str]) -> int:
     else:  # (x, W, ...) -> y
         kernel, output = array_dims(operand_types[1]), array_dims(instruction.type)
     out_features = output[labels.group(2).index("f")]
-    return 2 * math.prod(output) // out_features * math.prod(kernel) if labels else 0
+    return 2 * math.prod(output) // out_features * math.prod(kernel)
 
 
 def dot_flops(instruction: Instruction, types: dict[str, str]) -> int:
@@ -137,14 +144,18 @@ class _Program:
     def __init__(self, hlo_text: str):
         self.computations, self.entry = parse(hlo_text)
         self.types = {i.name: i.type for body in self.computations.values() for i in body}
-        self.opcodes = op_profile.hlo_opcodes(hlo_text)
+
+    def opcodes(self, instruction: Instruction) -> frozenset[str]:
+        """An instruction's opcode and those of the computations it calls (a fusion's), as op_profile classifies."""
+        called = self.computations.get(_attribute(instruction, "calls"), ())
+        return frozenset({instruction.opcode}).union(*(self.opcodes(i) for i in called))
 
     def flops(self, instruction: Instruction) -> int:
         """FLOPs of an instruction, and of the computations it calls (a fusion's dots)."""
-        target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
-        if instruction.opcode == "convolution" or (target and "conv" in target.group(1)):
+        target = custom_call_target(instruction)
+        if instruction.opcode == "convolution" or "conv" in target:
             return conv_flops(instruction, self.types)
-        if instruction.opcode == "dot" or (target and re.search(r"gemm|matmul", target.group(1))):
+        if instruction.opcode == "dot" or re.search(r"gemm|matmul", target):
             return dot_flops(instruction, self.types)
         called = _attribute(instruction, "calls")
         return sum(self.flops(i) for i in self.computations.get(called, ()))
@@ -212,9 +223,7 @@ class _Program:
         else:
             read = sum(array_bytes(self.types[o]) for o in instruction.operands)
             written = array_bytes(re.sub(r"\b[su]8\[\d+\]", "", instruction.type))  # less cuDNN's or cuBLAS's scratch
-        target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
-        names = instruction.name + (" " + target.group(1) if target else "")
-        kind = op_profile.category(names, self.opcodes.get(instruction.name, frozenset()))
+        kind = op_profile.category(f"{instruction.name} {custom_call_target(instruction)}", self.opcodes(instruction))
         return Kernel(instruction.name, kind, count, read, written, self.flops(instruction))
 
 

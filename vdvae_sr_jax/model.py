@@ -58,8 +58,7 @@ class Pointwise(nn.Module):
     Each input meets its slice of the kernel, so the concatenation is never built, and an input that needs no
     gradient gets no backward pass. With `splits`, the output comes in parts split at those channels, each its own
     product, so that a consumer of one part (a residual add) can fuse into it. With `dot`, each product is a matrix
-    product over channels: on a GPU, XLA can fuse elementwise neighbours into a matrix product, not into a cuDNN
-    convolution."""
+    product over channels, which XLA:GPU runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
 
     features: int
     kernel_init: Any
