@@ -14,6 +14,9 @@ of the GPU kernels XLA chose (benchmarks/hlo_roofline.py) instead of timings.
 
     python -m benchmarks.benchmark --config=configs/sr64.py --target_gpu=h100 --compute_dtype=bfloat16 --remat \
         --batch_sizes=64
+
+--free_gelu compiles that program with every GELU as the identity, which bounds what fusing GELUs into the
+convolutions could give.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import re
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,7 @@ from ml_collections import config_flags
 
 from benchmarks import hlo_roofline, op_profile
 from vdvae_sr_jax import data, evaluate, train
+from vdvae_sr_jax import model as model_lib
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A VDVAE or VDVAE-SR config file.")
@@ -54,6 +60,8 @@ _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON report.")
 GPU_TARGETS = {path.stem: path for path in (Path(__file__).parent / "gpu_targets").glob("*.txtpb")}
 _TARGET_GPU = flags.DEFINE_enum("target_gpu", None, sorted(GPU_TARGETS), "Compile for this GPU without it (needs "
                                 "JAX's CUDA plugin) and report XLA's GPU memory and kernel roofline, not timings.")
+_FREE_GELU = flags.DEFINE_bool("free_gelu", False, "With --target_gpu: compile every GELU as the identity, so that "
+                               "the roofline bounds what fusing the GELUs into the convolutions could give.")
 MEMORY_FRACTION = 0.75  # of a GPU's memory that JAX's allocator takes by default
 
 UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
@@ -142,10 +150,11 @@ def jaxpr_flops(jaxpr) -> int:
 
 
 def model_flops(config, make_step, args) -> int:
-    """FLOPs of one step of the config's program, without rematerialisation: recomputed activations are not
-    model FLOPs."""
+    """FLOPs of one step of the config's program, without rematerialisation (recomputed activations are not model
+    FLOPs) and with 1x1 convs as convolutions (Pallas kernels hide theirs in kernel bodies)."""
     config = config.copy_and_resolve_references()
     config.remat = False
+    config.pointwise = "conv"
     return jaxpr_flops(jax.make_jaxpr(make_step(config, model_from_config(config)))(*args).jaxpr)
 
 
@@ -250,6 +259,12 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
             logging.warning("batch %d: no profile: %s", batch_size, error)
             record["profile_error"] = str(error)
     return record
+
+
+def gelu_as_identity():
+    """A context in which the model's GELUs are the identity (`--free_gelu`): the same convolutions, no GELU
+    kernels, so a roofline of its program bounds what fusing GELUs into convolutions could give."""
+    return mock.patch.object(model_lib, "gelu", lambda x: x)
 
 
 class DoesNotFit(Exception):
@@ -397,6 +412,8 @@ def main(argv) -> None:
     del argv
     jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would hide the compile time
     config, target = _CONFIG.value, _TARGET_GPU.value
+    if _FREE_GELU.value and not target:
+        raise app.UsageError("--free_gelu needs --target_gpu: without its GELUs the step trains another model")
     device = gpu_target(target) if target else jax.devices()[0]
     if _FIND_MAX.value and device.platform == "cpu":
         raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
@@ -413,16 +430,17 @@ def main(argv) -> None:
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
         "device": device.device_kind, "platform": device.platform, "target_gpu": target,
         "compute_dtype": config.compute_dtype,
-        "remat": config.remat, "scan_unroll": config.scan_unroll, "pointwise_dot": config.pointwise_dot,
-        "steps": _STEPS.value, "warmup": _WARMUP.value,
-        "results": [measure_or_out_of_memory(measure, b) for b in batch_sizes],
+        "remat": config.remat, "scan_unroll": config.scan_unroll, "pointwise": config.pointwise,
+        "free_gelu": _FREE_GELU.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
     }
-    if _FIND_MAX.value:
-        fitted = [r["batch_size"] for r in report["results"] if not r.get("out_of_memory")]
-        if not fitted:
-            raise app.UsageError(f"none of --batch_sizes={_BATCH_SIZES.value} fits on the device")
-        report["max_batch_size"], more = largest_batch(measure, fitted[-1])
-        report["results"] += more
+    with gelu_as_identity() if _FREE_GELU.value else nullcontext():
+        report["results"] = [measure_or_out_of_memory(measure, b) for b in batch_sizes]
+        if _FIND_MAX.value:
+            fitted = [r["batch_size"] for r in report["results"] if not r.get("out_of_memory")]
+            if not fitted:
+                raise app.UsageError(f"none of --batch_sizes={_BATCH_SIZES.value} fits on the device")
+            report["max_batch_size"], more = largest_batch(measure, fitted[-1])
+            report["results"] += more
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements that the README's speed section quotes, one benchmark per argument, in the order given:
-#   bash benchmarks/gpu.sh sr64_unrolled sr64_remat sr64_bf16 sr64_large sr64_dot upscale sr64_fp32 sr256 sr256_remat \
-#     imagenet64
+#   bash benchmarks/gpu.sh sr64_remat sr64_remat_pallas sr64_unrolled sr64_unrolled_pallas sr64_bf16 sr64_large \
+#     sr64_dot upscale sr64_fp32 sr256 sr256_remat imagenet64
 # Each writes NAME.json to $OUT (or benchmarks/results) and prints its table (with the sr64 training runs, the
 # device time per kind of op over 3 profiled steps); all output goes to log.txt there too.
 set -uo pipefail
@@ -36,7 +36,11 @@ for what in "$@"; do
     sr64_remat) bench sr64_remat 150 --config=configs/sr64.py --compute_dtype=bfloat16 --remat --batch_sizes=64 \
       --profile_steps=3 ;;
     sr64_dot) bench sr64_dot 150 --config=configs/sr64.py --compute_dtype=bfloat16 --remat --batch_sizes=64 \
-      --config.pointwise_dot=True --profile_steps=3 ;;
+      --config.pointwise=dot --profile_steps=3 ;;
+    sr64_remat_pallas) bench sr64_remat_pallas 150 --config=configs/sr64.py --compute_dtype=bfloat16 --remat \
+      --batch_sizes=64 --config.pointwise=pallas --profile_steps=3 ;;
+    sr64_unrolled_pallas) bench sr64_unrolled_pallas 450 --config=configs/sr64.py --compute_dtype=bfloat16 \
+      --config.scan_unroll=64 --config.pointwise=pallas --batch_sizes=64 --profile_steps=3 ;;
     sr64_fp32) bench sr64_fp32 120 --config=configs/sr64.py --compute_dtype=float32 --batch_sizes=16 ;;
     upscale) bench upscale 70 --config=configs/sr64.py --mode=upscale --compute_dtype=bfloat16 --batch_sizes=256 ;;
     sr256) bench sr256 240 --config=configs/sr256.py --compute_dtype=bfloat16 --batch_sizes=4 --steps=3 \

@@ -151,8 +151,11 @@ class _Program:
         return frozenset({instruction.opcode}).union(*(self.opcodes(i) for i in called))
 
     def flops(self, instruction: Instruction) -> int:
-        """FLOPs of an instruction, and of the computations it calls (a fusion's dots)."""
+        """FLOPs of an instruction, and of the computations it calls (a fusion's dots); a Pallas kernel's as its
+        pallas_call's metadata states them."""
         target = custom_call_target(instruction)
+        if stated := re.search(r"serialized_metadata ?= ?.*?flops\\22: ?\\22(\d+)", instruction.attributes):
+            return int(stated.group(1))
         if instruction.opcode == "convolution" or "conv" in target:
             return conv_flops(instruction, self.types)
         if instruction.opcode == "dot" or re.search(r"gemm|matmul", target):

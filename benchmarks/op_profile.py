@@ -16,9 +16,11 @@ import jax
 
 # Each kind: the HLO opcodes that make an op one (its own, or any in the computations it calls, as a fusion
 # does), and a pattern for op and kernel names where the opcodes do not tell (library calls, or no HLO at hand).
-# Tried in this order: cuDNN's convolution kernels are "implicit gemm"s, and Triton matmuls are "gemm_fusion"s.
+# Tried in this order: Pallas kernels (`vdvae_sr_jax.kernels`) are custom calls of their own, cuDNN's convolution
+# kernels are "implicit gemm"s, and Triton matmuls are "gemm_fusion"s.
 # "fusion" is the elementwise and reduction code XLA generates itself (XLA:CPU "wraps" a lone elementwise op).
 CATEGORIES = (
+    ("pallas", set(), re.compile(r"pallas_call|xla\.gpu\.triton|triton_kernel_call")),
     ("convolution", {"convolution"}, re.compile(r"cudnn-conv|convolution|conv_general|fprop|dgrad|wgrad")),
     ("matmul", {"dot"}, re.compile(r"gemm|cublas|\bdot|matmul")),
     ("copy/transpose", {"copy", "transpose"}, re.compile(r"copy|transpose")),

@@ -13,6 +13,7 @@ from benchmarks.benchmark import (
     GPU_TARGETS,
     DoesNotFit,
     benchmark,
+    gelu_as_identity,
     gpu_target,
     jaxpr_flops,
     largest_batch,
@@ -168,3 +169,19 @@ def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
     message = r"--target_gpu=h100 needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"
     with pytest.raises(app.UsageError, match=message):
         gpu_target("h100")
+
+
+def test_gelu_as_identity_leaves_the_convolutions_and_no_erf(config):
+    """--free_gelu's program: every GELU (and its gradient) gone, the model FLOPs the same."""
+    model = model_from_config(config)
+    args = jax.eval_shape(lambda: train_inputs(config, model, 2))
+
+    def erfs_and_flops():
+        jaxpr = jax.make_jaxpr(train_step(config, model_from_config(config)))(*args).jaxpr
+        return str(jaxpr).count(" erf "), jaxpr_flops(jaxpr)
+
+    erfs, flops = erfs_and_flops()
+    with gelu_as_identity():
+        free_erfs, free_flops = erfs_and_flops()
+    assert erfs >= 20 and free_erfs == 0 and free_flops == flops > 0
+    assert erfs_and_flops() == (erfs, flops)  # and only inside the context

@@ -97,6 +97,26 @@ backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting
     assert (kernel.bytes_read, kernel.bytes_written) == ((64 * 32 + 32 * 16) * 2, 64 * 16 * 2)
 
 
+def test_a_pallas_kernel_has_the_flops_its_call_states():
+    """As `vdvae_sr_jax.kernels` states them in the pallas_call's metadata, which XLA:GPU keeps in the Triton
+    call's backend config (its Triton IR shortened here)."""
+    hlo = """HloModule m
+
+ENTRY %main (x: bf16[256,512], w: bf16[512,128]) -> bf16[256,128] {
+  %x = bf16[256,512]{1,0} parameter(0)
+  %w = bf16[512,128]{1,0} parameter(1)
+  ROOT %pallas_call.3 = bf16[256,128]{1,0} custom-call(%x, %w), custom_call_target="__gpu$xla.gpu.triton", \
+operand_layout_constraints={bf16[256,512]{1,0}, bf16[512,128]{1,0}}, api_version=API_VERSION_TYPED_FFI, \
+backend_config={debug = false, grid_x = 4 : i32, grid_y = 1 : i32, grid_z = 1 : i32, ir = "ML\\EFR\\01", \
+name = "_forward_kernel", num_stages = 3 : i32, num_warps = 4 : i32, \
+serialized_metadata = "{\\22flops\\22: \\2233554432\\22}"}
+}
+"""
+    (kernel,) = hlo_roofline.kernels(hlo)
+    assert (kernel.kind, kernel.flops) == ("pallas", 2 * 256 * 512 * 128)
+    assert (kernel.bytes_read, kernel.bytes_written) == ((256 * 512 + 512 * 128) * 2, 256 * 128 * 2)
+
+
 def test_roofline_takes_each_kernel_at_its_slower_bound():
     hlo = H100_CONV_GRAD.read_text()
     kernels = hlo_roofline.kernels(hlo)

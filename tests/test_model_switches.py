@@ -1,5 +1,5 @@
 """The model's speed switches (remat, 1x1 convs as matrix products) give the same params, loss and gradients; a 1x1
-conv of several inputs is one of their concatenation."""
+conv in parts is one conv."""
 
 import flax.linen as nn
 import jax
@@ -52,12 +52,12 @@ def reference():
     return params, _loss_and_grads(params)
 
 
-@pytest.mark.parametrize("switch, rtol", [("remat", 1e-6), ("pointwise_dot", 3e-5)])
-def test_switch_keeps_param_names_loss_and_gradients(reference, switch, rtol):
+@pytest.mark.parametrize("switch, value, rtol", [("remat", True, 1e-6), ("pointwise", "dot", 3e-5)])
+def test_switch_keeps_param_names_loss_and_gradients(reference, switch, value, rtol):
     params, (loss, grads, flops, ops) = reference
-    switched = jax.eval_shape(lambda: init_params(_model(**{switch: True})[1]))
+    switched = jax.eval_shape(lambda: init_params(_model(**{switch: value})[1]))
     assert jax.tree_util.tree_structure(switched) == jax.tree_util.tree_structure(params)
-    s_loss, s_grads, s_flops, s_ops = _loss_and_grads(params, **{switch: True})
+    s_loss, s_grads, s_flops, s_ops = _loss_and_grads(params, **{switch: value})
     if switch == "remat":
         assert s_flops > 1.1 * flops  # the backward pass recomputes the top-down blocks' forward pass (1.18x)
     else:
@@ -75,29 +75,24 @@ def test_switch_keeps_param_names_loss_and_gradients(reference, switch, rtol):
 
 @pytest.mark.parametrize("splits", [(), (3,)])
 @pytest.mark.parametrize("dot", [False, True])
-def test_pointwise_of_several_inputs_is_a_1x1_conv_of_their_concatenation(dot, splits):
+def test_pointwise_is_a_1x1_conv(dot, splits):
     """And with `splits`, its output comes in those parts, each its own product."""
-    a, b = jax.random.normal(jax.random.key(0), (2, 5, 5, 6)), jax.random.normal(jax.random.key(1), (2, 5, 5, 10))
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
     pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot, splits=splits)
 
-    def joined(params, a, b):
-        out = pointwise.apply(params, a, b)
+    def joined(params, x):
+        out = pointwise.apply(params, x)
         assert isinstance(out, tuple) == bool(splits)
         return jnp.concatenate(out, axis=-1) if splits else out
 
-    params = pointwise.init(jax.random.key(2), a, b)
+    params = pointwise.init(jax.random.key(2), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
-    expected = nn.Conv(8, (1, 1)).apply(params, jnp.concatenate([a, b], axis=-1))
-    np.testing.assert_allclose(joined(params, a, b), expected, rtol=1e-5, atol=1e-5)
+    expected = nn.Conv(8, (1, 1)).apply(params, x)
+    np.testing.assert_allclose(joined(params, x), expected, rtol=1e-5, atol=1e-5)
     if splits:
-        assert [p.shape[-1] for p in pointwise.apply(params, a, b)] == [3, 5]
+        assert [p.shape[-1] for p in pointwise.apply(params, x)] == [3, 5]
     weights = jax.random.normal(jax.random.key(3), expected.shape)  # a loss that weighs every output differently
-    split = jax.grad(lambda p, a, b: (joined(p, a, b) * weights).sum(), argnums=(0, 1, 2))(params, a, b)
-    joint = jax.grad(lambda p, a, b: (nn.Conv(8, (1, 1)).apply(p, jnp.concatenate([a, b], -1)) * weights).sum(),
-                     argnums=(0, 1, 2))(params, a, b)
+    split = jax.grad(lambda p, x: (joined(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+    joint = jax.grad(lambda p, x: (nn.Conv(8, (1, 1)).apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
     for s, j in zip(jax.tree.leaves(split), jax.tree.leaves(joint)):
         np.testing.assert_allclose(s, j, rtol=1e-5, atol=1e-5)
-    # Only the inputs that need a gradient get one: none flows back to the concatenation's other part.
-    jaxpr = jax.make_jaxpr(jax.grad(lambda x: joined(params, x, jax.lax.stop_gradient(b)).sum()))(a)
-    products = sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.jaxpr.eqns)
-    assert products == 3 * (len(splits) + 1)  # per part: a's and b's forward, a's backward

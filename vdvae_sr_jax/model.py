@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax import kernels
 from vdvae_sr_jax.hparams import (
     Run,
     decoder_runs,
@@ -53,12 +54,11 @@ def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 
 
 
 class Pointwise(nn.Module):
-    """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,), of the channel concatenation of its inputs.
+    """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,).
 
-    Each input meets its slice of the kernel, so the concatenation is never built, and an input that needs no
-    gradient gets no backward pass. With `splits`, the output comes in parts split at those channels, each its own
-    product, so that a consumer of one part (a residual add) can fuse into it. With `dot`, each product is a matrix
-    product over channels, which XLA:GPU runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
+    With `splits`, the output comes in parts split at those channels, each its own product, so that a consumer of one
+    part (a residual add) can fuse into it. With `dot`, each product is a matrix product over channels, which XLA:GPU
+    runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
 
     features: int
     kernel_init: Any
@@ -68,17 +68,14 @@ class Pointwise(nn.Module):
 
     @nn.compact
     def weights(self, in_features: int):
-        """The (1, 1, in_features, out) kernel and (out,) bias, for products made outside (see DecBlock)."""
+        """The (1, 1, in_features, out) kernel and (out,) bias, for products made outside (see Block, DecBlock)."""
         kernel = self.param("kernel", self.kernel_init, (1, 1, in_features, self.features))
         return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
 
-    def __call__(self, *xs):
-        widths = [x.shape[-1] for x in xs]
-        *xs, kernel, bias = nn.dtypes.promote_dtype(*xs, *self.weights(sum(widths)), dtype=self.dtype)
-        outs = []
-        for k, b in zip(jnp.split(kernel, self.splits, axis=3), jnp.split(bias, self.splits)):
-            per_input = jnp.split(k, np.cumsum(widths)[:-1], axis=2)
-            outs.append(sum(pointwise_product(x, part, self.dot) for x, part in zip(xs, per_input)) + b)
+    def __call__(self, x):
+        x, kernel, bias = nn.dtypes.promote_dtype(x, *self.weights(x.shape[-1]), dtype=self.dtype)
+        outs = [pointwise_product(x, k, self.dot) + b
+                for k, b in zip(jnp.split(kernel, self.splits, axis=3), jnp.split(bias, self.splits))]
         return tuple(outs) if self.splits else outs[0]
 
 
@@ -87,6 +84,26 @@ def pointwise_product(x, kernel, dot: bool):
     if dot:
         return jnp.dot(x, kernel[0, 0])
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def gelu_product(x, kernel, pointwise: str):
+    """(x, `pointwise_product(gelu(x), kernel)`). With `pointwise="pallas"`, a program compiled for a CUDA GPU runs
+    the product as one Pallas kernel that applies the GELU as it loads x (`kernels.gelu_matmul`, where its tiles
+    fit); other platforms run XLA's ops. Use the x returned for x's other uses: the backward kernel then adds their
+    gradient to the product's."""
+    def xla(x, kernel):
+        return x, pointwise_product(gelu(x), kernel, pointwise == "dot")
+
+    *lead, k = x.shape
+    n = kernel.shape[-1]
+    if pointwise != "pallas" or not kernels.supports(math.prod(lead), k, n, x.dtype):
+        return xla(x, kernel)
+
+    def fused(x, kernel):
+        x, y = kernels.gelu_matmul(x.reshape(-1, k), kernel.reshape(k, n))
+        return x.reshape(*lead, k), y.reshape(*lead, n)
+
+    return jax.lax.platform_dependent(x, kernel, cuda=fused, default=xla)
 
 
 class Block(nn.Module):
@@ -101,21 +118,22 @@ class Block(nn.Module):
     zero_last: bool = False
     last_scale: float = 1.0
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
     out_splits: tuple[int, ...] = ()
 
     def setup(self):
         k = 3 if self.use_3x3 else 1
-        opts = dict(dtype=self.dtype, dot=self.pointwise_dot)
+        opts = dict(dtype=self.dtype, dot=self.pointwise == "dot")
         self.c1 = conv(self.middle_width, 1, **opts)
         self.c2 = conv(self.middle_width, k, **opts)
         self.c3 = conv(self.middle_width, k, **opts)
         self.c4 = conv(self.out_width, 1, scale=self.last_scale, zero=self.zero_last, splits=self.out_splits, **opts)
 
-    def __call__(self, x, *activated):
-        """`activated`: more inputs, already through GELU, that c1 sees concatenated to x (a block without a
-        residual only); a loop-invariant one is then activated once, outside the loop."""
-        return self.after_c1(x, self.c1(gelu(x), *activated))
+    def __call__(self, x):
+        kernel, bias = self.c1.weights(x.shape[-1])
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        x, h = gelu_product(x, kernel, self.pointwise)
+        return self.after_c1(x, h + bias)
 
     def after_c1(self, x, h):
         """The rest of the block, from c1's output h."""
@@ -164,7 +182,7 @@ class Encoder(nn.Module):
     bottleneck_multiple: float = 0.25
     scan_unroll: int = 1
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, x) -> dict[int, Array]:
@@ -182,7 +200,7 @@ class Encoder(nn.Module):
                 use_3x3=run.res > 2,
                 last_scale=math.sqrt(1.0 / len(blocks)),
                 dtype=self.dtype,
-                pointwise_dot=self.pointwise_dot,
+                pointwise=self.pointwise,
                 name=run.name,
             )
             if run.stacked:
@@ -209,15 +227,15 @@ class DecBlock(nn.Module):
     n_blocks: int
     gated: bool = False
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
 
     def setup(self):
         mid = int(self.width * self.bottleneck_multiple)
         scale = math.sqrt(1.0 / self.n_blocks)
-        opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise_dot=self.pointwise_dot)
+        opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise=self.pointwise)
         self.enc = Block(mid, self.zdim * 2, **opts)
         self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, out_splits=(self.zdim * 2,), **opts)
-        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise_dot)
+        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise == "dot")
         self.resnet = Block(mid, self.width, residual=True, last_scale=scale, **opts)
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
@@ -230,16 +248,16 @@ class DecBlock(nn.Module):
         return stats[..., : self.zdim], stats[..., self.zdim :], xpp
 
     def _both_c1(self, x, activated_acts):
-        """The outputs of enc.c1 and prior.c1, which both read GELU(x): as one product with both kernels, GELU(x)
-        is read once and gets one gradient back. GELU(acts) meets the rest of enc.c1's kernel."""
+        """(x, then the outputs of enc.c1 and prior.c1), which both read GELU(x): as one product with both kernels,
+        GELU(x) is read once and gets one gradient back. GELU(acts) meets the rest of enc.c1's kernel."""
         w = x.shape[-1]
         enc_kernel, enc_bias = self.enc.c1.weights(w + activated_acts.shape[-1])
-        gx, acts, enc_kernel, enc_bias, prior_kernel, prior_bias = nn.dtypes.promote_dtype(
-            gelu(x), activated_acts, enc_kernel, enc_bias, *self.prior.c1.weights(w), dtype=self.dtype)
-        h = pointwise_product(gx, jnp.concatenate([enc_kernel[:, :, :w], prior_kernel], axis=3), self.pointwise_dot)
+        x, acts, enc_kernel, enc_bias, prior_kernel, prior_bias = nn.dtypes.promote_dtype(
+            x, activated_acts, enc_kernel, enc_bias, *self.prior.c1.weights(w), dtype=self.dtype)
+        x, h = gelu_product(x, jnp.concatenate([enc_kernel[:, :, :w], prior_kernel], axis=3), self.pointwise)
         mid = enc_bias.shape[0]
-        enc = h[..., :mid] + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise_dot) + enc_bias
-        return enc, h[..., mid:] + prior_bias
+        enc = h[..., :mid] + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise == "dot") + enc_bias
+        return x, enc, h[..., mid:] + prior_bias
 
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
@@ -252,7 +270,7 @@ class DecBlock(nn.Module):
         """One block of the inference pass: z ~ q(z | x, acts), given GELU(acts); returns state, (z, KL summed over
         H, W, C)."""
         x = self._condition(x, cond)
-        enc_h, prior_h = self._both_c1(x, activated_acts)
+        x, enc_h, prior_h = self._both_c1(x, activated_acts)
         enc = self.enc.after_c1(x, enc_h).astype(jnp.float32)
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
         pm, pv, xpp = self._prior_outputs(self.prior.after_c1(x, prior_h))
@@ -317,11 +335,11 @@ class DmolNet(nn.Module):
 
     num_mixtures: int
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, px_z):
-        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype, dot=self.pointwise_dot)(px_z)
+        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype, dot=self.pointwise == "dot")(px_z)
 
 
 class Decoder(nn.Module):
@@ -339,7 +357,7 @@ class Decoder(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, activations, n: int, eps=None, latents=None, temperature=None, cond=None, n_latents=None):
@@ -373,7 +391,7 @@ class Decoder(nn.Module):
                 x = x + jnp.repeat(jnp.repeat(xs[run.extra][..., :w], up, axis=1), up, axis=2)
             block = DecBlock(
                 run.res, w, self.zdim, self.bottleneck_multiple, len(blocks), gated=self.gated, dtype=self.dtype,
-                pointwise_dot=self.pointwise_dot, name=run.name,
+                pointwise=self.pointwise, name=run.name,
             )
             c = cond.get(run.res)
             if c is not None and c.shape[-1] != w:
@@ -394,7 +412,7 @@ class Decoder(nn.Module):
         gain = self.param("gain", nn.initializers.ones, (1, 1, 1, self.width))
         bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, self.width))
         px_z = xs[self.image_size] * gain + bias
-        logits = DmolNet(self.num_mixtures, self.dtype, self.pointwise_dot, name="out_net")(px_z)
+        logits = DmolNet(self.num_mixtures, self.dtype, self.pointwise, name="out_net")(px_z)
         kl = jnp.concatenate(kls, axis=0).T if kls else None
         return px_z, logits, zs, kl
 
@@ -415,18 +433,18 @@ class VDVAE(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
-    pointwise_dot: bool = False
+    pointwise: str = "conv"
     gated: ClassVar[bool] = False
 
     def setup(self):
         self.encoder = Encoder(
             self.width, self.enc_blocks, self.custom_width_str, self.bottleneck_multiple, self.scan_unroll, self.dtype,
-            self.pointwise_dot,
+            self.pointwise,
         )
         self.decoder = Decoder(
             self.width, self.zdim, self.dec_blocks, self.image_size, self.num_mixtures, self.custom_width_str,
             self.bottleneck_multiple, self.no_bias_above, self.gated, self.scan_unroll, self.remat, self.dtype,
-            self.pointwise_dot,
+            self.pointwise,
         )
 
     @property
@@ -489,7 +507,7 @@ class VDVAESR(VDVAE):
             raise ValueError("VDVAESR needs lr_image_size, lr_enc_blocks and lr_width for its LR encoder")
         self.lr_encoder = Encoder(
             self.lr_width, self.lr_enc_blocks, self.lr_custom_width_str, self.bottleneck_multiple, self.scan_unroll,
-            self.dtype, self.pointwise_dot,
+            self.dtype, self.pointwise,
         )
 
     def encode_lr(self, x_lr) -> dict[int, Array]:
@@ -521,10 +539,15 @@ def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:
     return cls(**{k: v for k, v in hparams.items() if k in names})
 
 
+POINTWISE = ("conv", "dot", "pallas")  # how 1x1 convs run: see configs/common.py
+
+
 def model_from_config(config) -> VDVAE:
     """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and 1x1 convs."""
+    if config.pointwise not in POINTWISE:
+        raise ValueError(f"config.pointwise is {config.pointwise!r}; it must be one of {', '.join(POINTWISE)}")
     return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll,
-                              remat=config.remat, pointwise_dot=config.pointwise_dot)
+                              remat=config.remat, pointwise=config.pointwise)
 
 
 def init_params(model: VDVAE, rng=None):

@@ -1,0 +1,93 @@
+"""The Pallas GELU-matmul kernels: their erf and GELU, their products and gradients (through Pallas's interpreter)
+against XLA's, and the model's `pointwise="pallas"`, which lowers to them for CUDA and to XLA's ops elsewhere."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_training import tiny_config
+
+from vdvae_sr_jax import data, kernels, train
+from vdvae_sr_jax.model import gelu, init_params, model_from_config
+
+
+def test_erf_gelu_and_its_gradient_match_xla():
+    x = jnp.linspace(-8.0, 8.0, 200_001)
+    assert float(jnp.abs(kernels.erf(x) - jax.lax.erf(x)).max()) < 6e-7
+    assert float(jnp.abs(kernels.gelu(x) - gelu(x)).max()) < 2e-6
+    assert float(jnp.abs(kernels.gelu_grad(x) - jax.vmap(jax.grad(gelu))(x)).max()) < 1e-6
+
+
+def test_supports_whole_tiles_of_16_bit_floats():
+    assert kernels.supports(4096, 512, 256, jnp.bfloat16) and kernels.supports(64, 128, 16, jnp.float16)
+    assert not kernels.supports(4096 + 32, 512, 256, jnp.bfloat16)  # a partial row tile
+    assert not kernels.supports(4096, 96, 256, jnp.bfloat16)  # a partial column tile
+    assert not kernels.supports(4096, 512, 512, jnp.bfloat16)  # too wide a product for the registers
+    assert not kernels.supports(4096, 512, 256, jnp.float32)
+    assert kernels.weight_grad_splits(262_144) == kernels.MAX_SPLITS and kernels.weight_grad_splits(192) == 1
+    assert kernels.weight_grad_splits(256) == 4
+
+
+def _xla_gelu_matmul(x, w):
+    """What the kernels compute, in XLA's ops: GELU in float32, the product of bf16 inputs accumulated in float32."""
+    g = gelu(x.astype(jnp.float32)).astype(w.dtype)
+    return x, jnp.dot(g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@pytest.mark.parametrize("n", [64, 256])
+def test_gelu_matmul_and_its_gradients_match_xla(n):
+    m, k = 256, 256  # two column tiles, four row tiles, and a weight gradient summed from 4 partial sums
+    x = (2 * jax.random.normal(jax.random.key(0), (m, k))).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(jax.random.key(1), (k, n))).astype(jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(2), (m, n)).astype(jnp.bfloat16)
+    dx_rest = jax.random.normal(jax.random.key(3), (m, k)).astype(jnp.bfloat16)  # the gradient of x's other uses
+    (x_out, y), vjp = jax.vjp(lambda x, w: kernels.gelu_matmul(x, w, True), x, w)
+    (_, y_ref), vjp_ref = jax.vjp(_xla_gelu_matmul, x, w)
+    assert y.dtype == jnp.bfloat16 and y.shape == (m, n)
+    np.testing.assert_array_equal(x_out, x)
+    for got, want in zip((y, *vjp((dx_rest, dy))), (y_ref, *vjp_ref((dx_rest, dy)))):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape and np.abs(want).max() > 1.0
+        # a bf16 rounding of the result apart at most: both accumulate in float32, in different orders
+        np.testing.assert_allclose(got, want, rtol=0, atol=2**-7 * np.abs(want).max())
+        assert np.abs(got - want).mean() < 2**-10 * np.abs(want).max()
+
+
+def _pallas_triton_calls(lowered_text: str) -> set[str]:
+    return {kernel for kernel in ("_forward_kernel", "_input_grad_kernel", "_weight_grad_kernel")
+            if f'name = "{kernel}"' in lowered_text}
+
+
+def test_model_runs_the_kernels_on_cuda_and_xla_elsewhere():
+    """With 128 channels, every c1 at 4x4 and up fits the kernels; the train step lowered for CUDA calls all three,
+    while on the CPU it runs the default model's ops (differentiated through a cond, so rounded apart in bf16)."""
+    config = tiny_config(steps=1, batch_per_device=4, checkpoint_every=1)
+    config.model.update(width=128, lr_width=128)
+    config.compute_dtype = "bfloat16"
+    model = model_from_config(config)
+    trainable, frozen = train.split_params(init_params(model, jax.random.key(3)), config.train.frozen)
+    hr = np.stack([data.center_crop(im, model.image_size) for _, im in data.embedded_photos()[:4]])
+    batch = data.model_batch(hr, config.data, model.low_bit, model.image_size // model.lr_image_size)
+    args = (trainable, frozen, batch, jax.random.key(4))
+    grads = []
+    for pointwise in ("conv", "pallas"):
+        config.pointwise = pointwise
+        step = jax.jit(jax.grad(train.elbo_loss(model_from_config(config)), has_aux=True))
+        traced = step.trace(*args)
+        assert not _pallas_triton_calls(traced.lower().as_text())
+        on_cuda = _pallas_triton_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
+        assert on_cuda == (set() if pointwise == "conv" else {"_forward_kernel", "_input_grad_kernel",
+                                                              "_weight_grad_kernel"})
+        grads.append(step(*args)[0])
+    leaves = jax.tree_util.tree_leaves_with_path(grads[0])
+    assert len(leaves) > 50
+    for (path, a), b in zip(leaves, jax.tree.leaves(grads[1])):  # bf16 sums in another order: close as a whole
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(b - a) <= 0.02 * np.linalg.norm(a) + 1e-12, jax.tree_util.keystr(path)
+
+
+def test_unknown_pointwise_is_an_error_naming_the_key():
+    config = tiny_config(steps=1, batch_per_device=4, checkpoint_every=1)
+    config.pointwise = "triton"
+    with pytest.raises(ValueError, match="config.pointwise is 'triton'.*conv, dot, pallas"):
+        model_from_config(config)
