@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements that the README's speed section quotes, one benchmark per argument, in the order given:
-#   bash benchmarks/gpu.sh sr64_remat sr64_remat_pallas sr64_unrolled sr64_unrolled_pallas sr64_bf16 sr64_large \
-#     sr64_dot upscale sr64_fp32 sr256 sr256_remat imagenet64
-# Each writes NAME.json to $OUT (or benchmarks/results) and prints its table (with the sr64 training runs, the
-# device time per kind of op over 3 profiled steps); all output goes to log.txt there too.
+#   bash benchmarks/gpu.sh kernels sr64_remat sr64_remat_pallas sr64_unrolled sr64_unrolled_pallas sr64_bf16 \
+#     sr64_large sr64_dot upscale sr64_fp32 sr256 sr256_remat imagenet64
+# Each writes NAME.json (kernels: kernels.txt) to $OUT (or benchmarks/results) and prints its table (with the sr64
+# training runs, the device time per kind of op over 3 profiled steps); all output goes to log.txt there too.
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
@@ -27,6 +27,9 @@ print(markdown(json.load(open(sys.argv[1]))))' "$out/$name.json" | tee -a "$log"
 
 for what in "$@"; do
   case $what in
+    kernels) echo "## kernels: python3 -m benchmarks.kernel_bench" | tee -a "$log"
+      timeout 120 python3 -m benchmarks.kernel_bench --batch=64 2>&1 | tee "$out/kernels.txt" >>"$log"
+      tail -6 "$out/kernels.txt" ;;
     sr64_bf16) bench sr64_bf16 140 --config=configs/sr64.py --compute_dtype=bfloat16 --batch_sizes=16 \
       --profile_steps=3 ;;
     sr64_unrolled) bench sr64_unrolled 450 --config=configs/sr64.py --compute_dtype=bfloat16 --config.scan_unroll=64 \

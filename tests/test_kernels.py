@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from tiny_training import tiny_config
 
+from benchmarks import kernel_bench
 from vdvae_sr_jax import data, kernels, train
 from vdvae_sr_jax.model import gelu, init_params, model_from_config
 
@@ -93,3 +94,14 @@ def test_unknown_pointwise_is_an_error_naming_the_key():
     config.pointwise = "triton"
     with pytest.raises(ValueError, match="config.pointwise is 'triton'.*conv, dot, pallas"):
         model_from_config(config)
+
+
+def test_kernel_bench_compares_the_kernels_with_xla():
+    """benchmarks/kernel_bench.py on one small shape, the kernels interpreted: both sides timed, and the kernels'
+    product and gradients within a bf16 rounding of XLA's."""
+    record = kernel_bench.compare(batch=1, res=16, k=256, n=64, runs=1, interpret=True)
+    assert (record["resolution"], record["in_channels"], record["outputs"]) == (16, 256, 64)
+    times = [record[f"{side}_{what}_ms"] for side in ("xla", "pallas") for what in ("forward", "forward_backward")]
+    assert all(t > 0 for t in times)
+    assert all(0 < record[f"{label}_error"] < 2**-7 for label in ("y", "dx", "dw"))
+    assert "| 16 | 256 → 64 |" in kernel_bench.markdown([record])

@@ -155,7 +155,7 @@ def gelu_matmul(x, w, interpret: bool = False):
 
 
 def _gelu_matmul_fwd(x, w, interpret):
-    return gelu_matmul(x, w, interpret), (x, w)
+    return (x, _forward(x, w, interpret)), (x, w)
 
 
 def _gelu_matmul_bwd(interpret, residuals, cotangents):

@@ -1,0 +1,105 @@
+"""The Pallas GELU-matmul kernels (`vdvae_sr_jax.kernels`) against XLA's GELU and 1x1 convolution, on sr64's c1
+shapes: the largest difference of the product and both gradients, and the device time of each side's forward and
+backward pass. Needs a CUDA GPU; `--interpret` runs the kernels through Pallas's interpreter instead (any device,
+for checking the numbers only).
+
+    python -m benchmarks.kernel_bench --batch=64
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from vdvae_sr_jax import kernels
+from vdvae_sr_jax.model import gelu, pointwise_product
+
+_BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
+_RUNS = flags.DEFINE_integer("runs", 20, "Timed runs of each program; their median is reported.")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels through Pallas's interpreter (no GPU needed).")
+# (resolution, input channels, outputs) of sr64's c1 products: enc.c1 and prior.c1 as one, resnet.c1.
+SHAPES = ((64, 512, 256), (64, 512, 128), (32, 512, 256), (32, 512, 128))
+
+
+def xla_gelu_matmul(x, w):
+    """(x, GELU(x) @ w) as the model runs it without the kernels: XLA's GELU, then a 1x1 convolution."""
+    return x, pointwise_product(gelu(x), w[None, None], dot=False)
+
+
+def programs(fn):
+    """Jitted forward pass and forward-and-backward pass of `fn(x, w) -> (x, y)`; the backward pass gets the
+    gradient of x's other uses (dx_rest) and of y."""
+    forward = jax.jit(lambda x, w: fn(x, w)[1])
+
+    def both(x, w, dx_rest, dy):
+        out, vjp = jax.vjp(fn, x, w)
+        return out[1], *vjp((dx_rest, dy))
+
+    return forward, jax.jit(both)
+
+
+def median_seconds(fn, args, runs: int) -> float:
+    """Median wall time of `runs` calls after one warm-up, each waited for."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compare(batch: int, res: int, k: int, n: int, runs: int, interpret: bool = False) -> dict:
+    """One shape: each output's largest difference relative to XLA's largest magnitude, and both sides' times."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = (2 * jax.random.normal(keys[0], (batch, res, res, k))).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(keys[1], (k, n))).astype(jnp.bfloat16)
+    dx_rest = jax.random.normal(keys[2], x.shape).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[3], (batch, res, res, n)).astype(jnp.bfloat16)
+
+    def pallas(x, w):
+        x_out, y = kernels.gelu_matmul(x.reshape(-1, k), w, interpret)
+        return x_out.reshape(x.shape), y.reshape(*x.shape[:-1], n)
+
+    record = {"batch": batch, "resolution": res, "in_channels": k, "outputs": n}
+    outputs = {}
+    for name, fn in (("xla", xla_gelu_matmul), ("pallas", pallas)):
+        forward, both = programs(fn)
+        outputs[name] = both(x, w, dx_rest, dy)
+        record[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (x, w), runs)
+        record[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(both, (x, w, dx_rest, dy), runs)
+    for label, got, want in zip(("y", "dx", "dw"), outputs["pallas"], outputs["xla"]):
+        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+        record[f"{label}_error"] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+    return record
+
+
+def markdown(records: list[dict]) -> str:
+    """The records as a Markdown table."""
+    rows = ["| resolution | in → out | forward, XLA / Pallas (ms) | forward + backward, XLA / Pallas (ms) | "
+            "largest difference (y, dx, dw) |", "|---|---|---|---|---|"]
+    rows += [f"| {r['resolution']} | {r['in_channels']} → {r['outputs']} | {r['xla_forward_ms']:.3f} / "
+             f"{r['pallas_forward_ms']:.3f} | {r['xla_forward_backward_ms']:.3f} / "
+             f"{r['pallas_forward_backward_ms']:.3f} | {r['y_error']:.1e}, {r['dx_error']:.1e}, "
+             f"{r['dw_error']:.1e} |" for r in records]
+    return "\n".join(rows)
+
+
+def main(argv) -> None:
+    del argv
+    if not _INTERPRET.value and jax.default_backend() != "gpu":
+        raise app.UsageError(f"the kernels need a CUDA GPU, and JAX runs on {jax.default_backend()}: "
+                             "pass --interpret to check their numbers here")
+    print(jax.devices()[0].device_kind)
+    records = [compare(_BATCH.value, *shape, _RUNS.value, _INTERPRET.value) for shape in SHAPES]
+    print(json.dumps(records, indent=1))
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    app.run(main)
