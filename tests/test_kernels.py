@@ -105,3 +105,16 @@ def test_kernel_bench_compares_the_kernels_with_xla():
     assert all(t > 0 for t in times)
     assert all(0 < record[f"{label}_error"] < 2**-7 for label in ("y", "dx", "dw"))
     assert "| 16 | 256 → 64 |" in kernel_bench.markdown([record])
+
+
+def test_pallas_in_float32_warns_that_xla_runs(caplog):
+    config = tiny_config(steps=1, batch_per_device=4, checkpoint_every=1)
+    config.pointwise = "pallas"
+    with caplog.at_level("WARNING"):
+        model_from_config(config)
+    assert "bfloat16 and float16 only; compute_dtype=float32 runs XLA's ops" in caplog.text
+    caplog.clear()
+    config.compute_dtype = "bfloat16"
+    with caplog.at_level("WARNING"):
+        model_from_config(config)
+    assert not caplog.text

@@ -8,6 +8,7 @@ this keeps the jit of a 75-block decoder to seconds. Arrays are NHWC.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -546,6 +547,9 @@ def model_from_config(config) -> VDVAE:
     """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and 1x1 convs."""
     if config.pointwise not in POINTWISE:
         raise ValueError(f"config.pointwise is {config.pointwise!r}; it must be one of {', '.join(POINTWISE)}")
+    if config.pointwise == "pallas" and jnp.dtype(config.compute_dtype).itemsize != 2:
+        logging.warning("config.pointwise='pallas' has kernels for bfloat16 and float16 only; compute_dtype=%s runs "
+                        "XLA's ops", config.compute_dtype)
     return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll,
                               remat=config.remat, pointwise=config.pointwise)
 
