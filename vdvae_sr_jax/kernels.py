@@ -13,10 +13,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# Tile sizes: rows of x per program, and columns of x per step of the loop over them.
-BLOCK_M = 64
-BLOCK_K = 128
-WIDTHS = (16, 32, 64, 128, 256)  # product widths N whose [BLOCK_M, N] float32 tile stays in registers
+# The forward and input-gradient kernels: rows of x per program (each program reads all of w from L2, so fewer,
+# taller row tiles read it less often), and columns of x per step of the loop over them.
+ROW_TILE = 128
+COL_STEP = 64
+# The weight-gradient kernel: columns of x (rows of dw) per program, and rows of x per step of its loop.
+WGRAD_COLS = 128
+WGRAD_ROWS = 64
+WIDTHS = (16, 32, 64, 128, 256)  # product widths N whose [ROW_TILE, N] float32 tile stays in registers
 MAX_SPLITS = 64  # programs summing the weight gradient over parts of the rows, each into its own partial sum
 _A_AND_S = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz & Stegun 7.1.26
 
@@ -42,7 +46,7 @@ def gelu_grad(x):
 
 def supports(m: int, k: int, n: int, dtype) -> bool:
     """Whether `gelu_matmul` takes x [m, k] and w [k, n] of this dtype: whole tiles, 16-bit floats."""
-    return (m % BLOCK_M == 0 and k % BLOCK_K == 0 and n in WIDTHS
+    return (m % ROW_TILE == 0 and k % WGRAD_COLS == 0 and n in WIDTHS
             and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
 
 
@@ -50,11 +54,11 @@ def _forward_kernel(x_ref, w_ref, y_ref):
     """y[rows] = GELU(x[rows]) @ w, over x's columns a tile at a time."""
 
     def step(j, acc):
-        cols = pl.ds(j * BLOCK_K, BLOCK_K)
+        cols = pl.ds(j * COL_STEP, COL_STEP)
         g = gelu(x_ref[:, cols].astype(jnp.float32)).astype(w_ref.dtype)
         return acc + jnp.dot(g, w_ref[cols, :], preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, x_ref.shape[1] // BLOCK_K, step, jnp.zeros(y_ref.shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, x_ref.shape[1] // COL_STEP, step, jnp.zeros(y_ref.shape, jnp.float32))
     y_ref[...] = acc.astype(y_ref.dtype)
 
 
@@ -64,30 +68,30 @@ def _input_grad_kernel(dy_ref, w_ref, x_ref, dx_rest_ref, dx_ref):
     dy = dy_ref[...]
 
     def step(j, carry):
-        cols = pl.ds(j * BLOCK_K, BLOCK_K)
+        cols = pl.ds(j * COL_STEP, COL_STEP)
         d = jax.lax.dot_general(dy, w_ref[cols, :], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         dx = dx_rest_ref[:, cols].astype(jnp.float32) + d * gelu_grad(x_ref[:, cols].astype(jnp.float32))
         dx_ref[:, cols] = dx.astype(dx_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, x_ref.shape[1] // BLOCK_K, step, 0)
+    jax.lax.fori_loop(0, x_ref.shape[1] // COL_STEP, step, 0)
 
 
 def _weight_grad_kernel(x_ref, dy_ref, dw_ref):
     """dw[cols] = sum over this program's rows of GELU(x[rows, cols])^T @ dy[rows], a row tile at a time."""
 
     def step(i, acc):
-        rows = pl.ds(i * BLOCK_M, BLOCK_M)
+        rows = pl.ds(i * WGRAD_ROWS, WGRAD_ROWS)
         g = gelu(x_ref[rows, :].astype(jnp.float32)).astype(dy_ref.dtype)
         return acc + jax.lax.dot_general(g, dy_ref[rows, :], (((0,), (0,)), ((), ())),
                                          preferred_element_type=jnp.float32)
 
-    dw_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0] // BLOCK_M, step, jnp.zeros(dw_ref.shape, jnp.float32))
+    dw_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0] // WGRAD_ROWS, step, jnp.zeros(dw_ref.shape, jnp.float32))
 
 
-def _params(n: int, stages: int = 3) -> plt.CompilerParams:
-    """Triton's launch parameters for a kernel whose tiles are n wide; fewer stages take less shared memory."""
-    return plt.CompilerParams(num_warps=4 if n <= 128 else 8, num_stages=stages)
+def _params(n: int) -> plt.CompilerParams:
+    """Triton's launch parameters for a kernel whose tiles are n wide (eight warps for a [128, 256] float32 tile)."""
+    return plt.CompilerParams(num_warps=4 if n <= 128 else 8, num_stages=3)
 
 
 def _forward(x, w, interpret: bool):
@@ -95,9 +99,9 @@ def _forward(x, w, interpret: bool):
     return pl.pallas_call(
         _forward_kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-        grid=(m // BLOCK_M,),
-        in_specs=[pl.BlockSpec((BLOCK_M, k), lambda i: (i, 0)), pl.BlockSpec((k, n), lambda i: (0, 0))],
-        out_specs=pl.BlockSpec((BLOCK_M, n), lambda i: (i, 0)),
+        grid=(m // ROW_TILE,),
+        in_specs=[pl.BlockSpec((ROW_TILE, k), lambda i: (i, 0)), pl.BlockSpec((k, n), lambda i: (0, 0))],
+        out_specs=pl.BlockSpec((ROW_TILE, n), lambda i: (i, 0)),
         compiler_params=_params(n),
         interpret=interpret,
         metadata={"flops": str(2 * m * k * n)},
@@ -109,35 +113,36 @@ def _input_grad(dy, w, x, dx_rest, interpret: bool):
     return pl.pallas_call(
         _input_grad_kernel,
         out_shape=jax.ShapeDtypeStruct((m, k), x.dtype),
-        grid=(m // BLOCK_M,),
-        in_specs=[pl.BlockSpec((BLOCK_M, n), lambda i: (i, 0)), pl.BlockSpec((k, n), lambda i: (0, 0)),
-                  pl.BlockSpec((BLOCK_M, k), lambda i: (i, 0)), pl.BlockSpec((BLOCK_M, k), lambda i: (i, 0))],
-        out_specs=pl.BlockSpec((BLOCK_M, k), lambda i: (i, 0)),
-        compiler_params=_params(n, stages=2),  # three stages of w's [BLOCK_K, 256] tiles pass the H100's 227 KiB
+        grid=(m // ROW_TILE,),
+        in_specs=[pl.BlockSpec((ROW_TILE, n), lambda i: (i, 0)), pl.BlockSpec((k, n), lambda i: (0, 0)),
+                  pl.BlockSpec((ROW_TILE, k), lambda i: (i, 0)), pl.BlockSpec((ROW_TILE, k), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((ROW_TILE, k), lambda i: (i, 0)),
+        compiler_params=_params(n),
         interpret=interpret,
         metadata={"flops": str(2 * m * k * n)},
     )(dy, w, x, dx_rest)
 
 
 def weight_grad_splits(m: int) -> int:
-    """How many programs share the rows in the weight gradient: as many as MAX_SPLITS, each with whole row tiles,
-    so that even k / BLOCK_K column tiles fill the GPU."""
+    """How many programs share the rows in the weight gradient: as many as MAX_SPLITS, each with whole row steps,
+    so that even k / WGRAD_COLS column tiles fill the GPU."""
     splits = MAX_SPLITS
-    while m % (splits * BLOCK_M):
+    while m % (splits * WGRAD_ROWS):
         splits //= 2
     return splits
 
 
 def _weight_grad(x, dy, interpret: bool):
     (m, k), n = x.shape, dy.shape[1]
-    splits, col_tiles = weight_grad_splits(m), k // BLOCK_K
+    splits, col_tiles = weight_grad_splits(m), k // WGRAD_COLS
     rows = m // splits
     partial_sums = pl.pallas_call(
         _weight_grad_kernel,
         out_shape=jax.ShapeDtypeStruct((splits * k, n), jnp.float32),
         grid=(col_tiles, splits),  # the first axis varies fastest: programs sharing dy's rows run together
-        in_specs=[pl.BlockSpec((rows, BLOCK_K), lambda j, s: (s, j)), pl.BlockSpec((rows, n), lambda j, s: (s, 0))],
-        out_specs=pl.BlockSpec((BLOCK_K, n), lambda j, s: (s * col_tiles + j, 0)),
+        in_specs=[pl.BlockSpec((rows, WGRAD_COLS), lambda j, s: (s, j)),
+                  pl.BlockSpec((rows, n), lambda j, s: (s, 0))],
+        out_specs=pl.BlockSpec((WGRAD_COLS, n), lambda j, s: (s * col_tiles + j, 0)),
         compiler_params=_params(n),
         interpret=interpret,
         metadata={"flops": str(2 * m * k * n)},
