@@ -11,24 +11,20 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from vdvae_sr_jax import kernels
-from vdvae_sr_jax.model import gelu, pointwise_product
+from vdvae_sr_jax.model import gelu_product
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs of each program; their median is reported.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels through Pallas's interpreter (no GPU needed).")
 # (resolution, input channels, outputs) of sr64's c1 products: enc.c1 and prior.c1 as one, resnet.c1.
 SHAPES = ((64, 512, 256), (64, 512, 128), (32, 512, 256), (32, 512, 128))
-
-
-def xla_gelu_matmul(x, w):
-    """(x, GELU(x) @ w) as the model runs it without the kernels: XLA's GELU, then a 1x1 convolution."""
-    return x, pointwise_product(gelu(x), w[None, None], dot=False)
 
 
 def programs(fn):
@@ -58,17 +54,14 @@ def compare(batch: int, res: int, k: int, n: int, runs: int, interpret: bool = F
     """One shape: each output's largest difference relative to XLA's largest magnitude, and both sides' times."""
     keys = jax.random.split(jax.random.key(0), 4)
     x = (2 * jax.random.normal(keys[0], (batch, res, res, k))).astype(jnp.bfloat16)
-    w = (0.05 * jax.random.normal(keys[1], (k, n))).astype(jnp.bfloat16)
+    w = (0.05 * jax.random.normal(keys[1], (1, 1, k, n))).astype(jnp.bfloat16)
     dx_rest = jax.random.normal(keys[2], x.shape).astype(jnp.bfloat16)
     dy = jax.random.normal(keys[3], (batch, res, res, n)).astype(jnp.bfloat16)
-
-    def pallas(x, w):
-        x_out, y = kernels.gelu_matmul(x.reshape(-1, k), w, interpret)
-        return x_out.reshape(x.shape), y.reshape(*x.shape[:-1], n)
-
     record = {"batch": batch, "resolution": res, "in_channels": k, "outputs": n}
     outputs = {}
-    for name, fn in (("xla", xla_gelu_matmul), ("pallas", pallas)):
+    # XLA's GELU then a 1x1 convolution, as the model runs without the kernels; then the kernels.
+    for name, fn in (("xla", partial(gelu_product, pointwise="conv")),
+                     ("pallas", partial(kernels.gelu_pointwise, interpret=interpret))):
         forward, both = programs(fn)
         outputs[name] = both(x, w, dx_rest, dy)
         record[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (x, w), runs)

@@ -21,6 +21,7 @@ COL_STEP = 64
 WGRAD_COLS = 128
 WGRAD_ROWS = 64
 WIDTHS = (16, 32, 64, 128, 256)  # product widths N whose [ROW_TILE, N] float32 tile stays in registers
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit inputs of the tensor-core products
 MAX_SPLITS = 64  # programs summing the weight gradient over parts of the rows, each into its own partial sum
 _A_AND_S = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz & Stegun 7.1.26
 
@@ -46,8 +47,7 @@ def gelu_grad(x):
 
 def supports(m: int, k: int, n: int, dtype) -> bool:
     """Whether `gelu_matmul` takes x [m, k] and w [k, n] of this dtype: whole tiles, 16-bit floats."""
-    return (m % ROW_TILE == 0 and k % WGRAD_COLS == 0 and n in WIDTHS
-            and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+    return m % ROW_TILE == 0 and k % WGRAD_COLS == 0 and n in WIDTHS and jnp.dtype(dtype) in DTYPES
 
 
 def _forward_kernel(x_ref, w_ref, y_ref):
@@ -169,3 +169,11 @@ def _gelu_matmul_bwd(interpret, residuals, cotangents):
 
 
 gelu_matmul.defvjp(_gelu_matmul_fwd, _gelu_matmul_bwd)
+
+
+def gelu_pointwise(x, kernel, interpret: bool = False):
+    """`gelu_matmul` over the channels of x [..., k] with a (1, 1, k, n) kernel: (x, the 1x1 conv of GELU(x))."""
+    *lead, k = x.shape
+    n = kernel.shape[-1]
+    x_out, y = gelu_matmul(x.reshape(-1, k), kernel.reshape(k, n), interpret)
+    return x_out.reshape(x.shape), y.reshape(*lead, n)

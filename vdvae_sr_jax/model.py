@@ -95,16 +95,9 @@ def gelu_product(x, kernel, pointwise: str):
     def xla(x, kernel):
         return x, pointwise_product(gelu(x), kernel, pointwise == "dot")
 
-    *lead, k = x.shape
-    n = kernel.shape[-1]
-    if pointwise != "pallas" or not kernels.supports(math.prod(lead), k, n, x.dtype):
+    if pointwise != "pallas" or not kernels.supports(math.prod(x.shape[:-1]), *kernel.shape[2:], x.dtype):
         return xla(x, kernel)
-
-    def fused(x, kernel):
-        x, y = kernels.gelu_matmul(x.reshape(-1, k), kernel.reshape(k, n))
-        return x.reshape(*lead, k), y.reshape(*lead, n)
-
-    return jax.lax.platform_dependent(x, kernel, cuda=fused, default=xla)
+    return jax.lax.platform_dependent(x, kernel, cuda=kernels.gelu_pointwise, default=xla)
 
 
 class Block(nn.Module):
@@ -547,7 +540,7 @@ def model_from_config(config) -> VDVAE:
     """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and 1x1 convs."""
     if config.pointwise not in POINTWISE:
         raise ValueError(f"config.pointwise is {config.pointwise!r}; it must be one of {', '.join(POINTWISE)}")
-    if config.pointwise == "pallas" and jnp.dtype(config.compute_dtype).itemsize != 2:
+    if config.pointwise == "pallas" and jnp.dtype(config.compute_dtype) not in kernels.DTYPES:
         logging.warning("config.pointwise='pallas' has kernels for bfloat16 and float16 only; compute_dtype=%s runs "
                         "XLA's ops", config.compute_dtype)
     return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll,
