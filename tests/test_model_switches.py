@@ -73,26 +73,17 @@ def test_switch_keeps_param_names_loss_and_gradients(reference, switch, value, r
         np.testing.assert_allclose(r, g, rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("splits", [(), (3,)])
 @pytest.mark.parametrize("dot", [False, True])
-def test_pointwise_is_a_1x1_conv(dot, splits):
-    """And with `splits`, its output comes in those parts, each its own product."""
+def test_pointwise_is_a_1x1_conv(dot):
+    """As a convolution or a matrix product, with nn.Conv's params, outputs and gradients."""
     x = jax.random.normal(jax.random.key(0), (2, 5, 5, 16))
-    pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot, splits=splits)
-
-    def joined(params, x):
-        out = pointwise.apply(params, x)
-        assert isinstance(out, tuple) == bool(splits)
-        return jnp.concatenate(out, axis=-1) if splits else out
-
+    pointwise = Pointwise(8, nn.initializers.lecun_normal(), dot=dot)
     params = pointwise.init(jax.random.key(2), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # a nonzero bias
     expected = nn.Conv(8, (1, 1)).apply(params, x)
-    np.testing.assert_allclose(joined(params, x), expected, rtol=1e-5, atol=1e-5)
-    if splits:
-        assert [p.shape[-1] for p in pointwise.apply(params, x)] == [3, 5]
+    np.testing.assert_allclose(pointwise.apply(params, x), expected, rtol=1e-5, atol=1e-5)
     weights = jax.random.normal(jax.random.key(3), expected.shape)  # a loss that weighs every output differently
-    split = jax.grad(lambda p, x: (joined(p, x) * weights).sum(), argnums=(0, 1))(params, x)
-    joint = jax.grad(lambda p, x: (nn.Conv(8, (1, 1)).apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
-    for s, j in zip(jax.tree.leaves(split), jax.tree.leaves(joint)):
-        np.testing.assert_allclose(s, j, rtol=1e-5, atol=1e-5)
+    ours = jax.grad(lambda p, x: (pointwise.apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+    conv = jax.grad(lambda p, x: (nn.Conv(8, (1, 1)).apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
+    for o, c in zip(jax.tree.leaves(ours), jax.tree.leaves(conv)):
+        np.testing.assert_allclose(o, c, rtol=1e-5, atol=1e-5)

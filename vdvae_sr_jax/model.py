@@ -36,12 +36,12 @@ def gelu(x):
 
 
 def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 1.0, zero: bool = False,
-         dtype=None, dot: bool = False, splits: tuple[int, ...] = ()):
+         dtype=None, dot: bool = False):
     """A stride-1 'same' conv with PyTorch's default weight init times `scale`, and zero bias; 1x1 convs are
-    `Pointwise` (with `dot`, a matrix product; with `splits`, in parts), with the same params."""
+    `Pointwise` (with `dot`, a matrix product), with the same params."""
     init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
     if kernel == 1:
-        return Pointwise(features, init, dtype, dot, splits, name=name)
+        return Pointwise(features, init, dtype, dot, name=name)
     pad = kernel // 2
     return nn.Conv(
         features,
@@ -55,17 +55,13 @@ def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 
 
 
 class Pointwise(nn.Module):
-    """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,).
-
-    With `splits`, the output comes in parts split at those channels, each its own product, so that a consumer of one
-    part (a residual add) can fuse into it. With `dot`, each product is a matrix product over channels, which XLA:GPU
-    runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
+    """A 1x1 conv with nn.Conv's params, (1, 1, in, out) and (out,). With `dot`, a matrix product over channels,
+    which XLA:GPU runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
 
     features: int
     kernel_init: Any
     dtype: Any = None
     dot: bool = False
-    splits: tuple[int, ...] = ()
 
     @nn.compact
     def weights(self, in_features: int):
@@ -75,9 +71,7 @@ class Pointwise(nn.Module):
 
     def __call__(self, x):
         x, kernel, bias = nn.dtypes.promote_dtype(x, *self.weights(x.shape[-1]), dtype=self.dtype)
-        outs = [pointwise_product(x, k, self.dot) + b
-                for k, b in zip(jnp.split(kernel, self.splits, axis=3), jnp.split(bias, self.splits))]
-        return tuple(outs) if self.splits else outs[0]
+        return pointwise_product(x, kernel, self.dot) + bias
 
 
 def pointwise_product(x, kernel, dot: bool):
@@ -101,8 +95,7 @@ def gelu_product(x, kernel, pointwise: str):
 
 
 class Block(nn.Module):
-    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1); a block without a
-    residual returns its output in parts split at `out_splits` (see Pointwise)."""
+    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1)."""
 
     middle_width: int
     out_width: int
@@ -113,7 +106,6 @@ class Block(nn.Module):
     last_scale: float = 1.0
     dtype: Any = None
     pointwise: str = "conv"
-    out_splits: tuple[int, ...] = ()
 
     def setup(self):
         k = 3 if self.use_3x3 else 1
@@ -121,19 +113,25 @@ class Block(nn.Module):
         self.c1 = conv(self.middle_width, 1, **opts)
         self.c2 = conv(self.middle_width, k, **opts)
         self.c3 = conv(self.middle_width, k, **opts)
-        self.c4 = conv(self.out_width, 1, scale=self.last_scale, zero=self.zero_last, splits=self.out_splits, **opts)
+        self.c4 = conv(self.out_width, 1, scale=self.last_scale, zero=self.zero_last, **opts)
 
     def __call__(self, x):
+        return self.after_c1(*self.apply_c1(x))
+
+    def apply_c1(self, x):
+        """(x, c1's output); use this x for x's other uses (see gelu_product)."""
         kernel, bias = self.c1.weights(x.shape[-1])
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         x, h = gelu_product(x, kernel, self.pointwise)
-        return self.after_c1(x, h + bias)
+        return x, h + bias
+
+    def c4_input(self, h):
+        """GELU of c3's output, from c1's output h."""
+        return gelu(self.c3(gelu(self.c2(gelu(h)))))
 
     def after_c1(self, x, h):
         """The rest of the block, from c1's output h."""
-        h = self.c2(gelu(h))
-        h = self.c3(gelu(h))
-        h = self.c4(gelu(h))
+        h = self.c4(self.c4_input(h))
         out = x + h if self.residual else h
         if self.down_rate is not None:
             out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
@@ -228,18 +226,20 @@ class DecBlock(nn.Module):
         scale = math.sqrt(1.0 / self.n_blocks)
         opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise=self.pointwise)
         self.enc = Block(mid, self.zdim * 2, **opts)
-        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, out_splits=(self.zdim * 2,), **opts)
+        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, **opts)
         self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise == "dot")
         self.resnet = Block(mid, self.width, residual=True, last_scale=scale, **opts)
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
-    def _prior_outputs(self, feats):
-        """Prior mean and log-std (in float32, where the KL and sampling maths run) and the state residual, which
-        `prior.c4` computes apart so that the residual add fuses into it."""
-        stats, xpp = feats
-        stats = stats.astype(jnp.float32)
-        return stats[..., : self.zdim], stats[..., self.zdim :], xpp
+    def _prior_stats(self, g):
+        """Prior mean and log-std (in float32, where the KL and sampling maths run) from `prior.c4`'s input g, by the
+        first 2 zdim outputs of its kernel (`_finish` applies the rest)."""
+        kernel, bias = self.prior.c4.weights(g.shape[-1])
+        g, kernel, bias = nn.dtypes.promote_dtype(g, kernel, bias, dtype=self.dtype)
+        n = 2 * self.zdim
+        stats = (pointwise_product(g, kernel[..., :n], self.pointwise == "dot") + bias[:n]).astype(jnp.float32)
+        return stats[..., : self.zdim], stats[..., self.zdim :]
 
     def _both_c1(self, x, activated_acts):
         """(x, then the outputs of enc.c1 and prior.c1), which both read GELU(x): as one product with both kernels,
@@ -256,9 +256,19 @@ class DecBlock(nn.Module):
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
 
-    def _finish(self, x, z, step):
+    def _finish(self, x, g, z, step):
+        """resnet(x + the prior's state residual from `prior.c4`'s input g + z_proj(z)), and z (a given latent where
+        the step has one). Both residuals come from one product over [g, z] with both kernels: XLA fuses one add
+        into a cuDNN convolution, and two products would leave the other add a pass of its own over the state."""
         z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
-        return self.resnet(x + self.z_proj(z).astype(x.dtype)), z
+        n = 2 * self.zdim
+        prior_kernel, prior_bias = self.prior.c4.weights(g.shape[-1])
+        x, g, zc, prior_kernel, prior_bias, z_kernel, z_bias = nn.dtypes.promote_dtype(
+            x, g, z, prior_kernel, prior_bias, *self.z_proj.weights(self.zdim), dtype=self.dtype)
+        residual = pointwise_product(jnp.concatenate([g, zc], axis=-1),
+                                     jnp.concatenate([prior_kernel[..., n:], z_kernel], axis=2),
+                                     self.pointwise == "dot")
+        return self.resnet(x + residual + (prior_bias[n:] + z_bias)), z
 
     def posterior(self, x, step, activated_acts, cond):
         """One block of the inference pass: z ~ q(z | x, acts), given GELU(acts); returns state, (z, KL summed over
@@ -267,20 +277,21 @@ class DecBlock(nn.Module):
         x, enc_h, prior_h = self._both_c1(x, activated_acts)
         enc = self.enc.after_c1(x, enc_h).astype(jnp.float32)
         qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
-        pm, pv, xpp = self._prior_outputs(self.prior.after_c1(x, prior_h))
-        x = x + xpp
+        g = self.prior.c4_input(prior_h)
+        pm, pv = self._prior_stats(g)
         z = D.gaussian_sample(qm, qv, step["eps"])
         kl = D.gaussian_kl(qm, pm, qv, pv)
-        x, z = self._finish(x, z, step)
+        x, z = self._finish(x, g, z, step)
         return x, (z, kl.sum(axis=(1, 2, 3)))
 
     def generate(self, x, step, cond):
         """One block of the generative pass: z ~ p(z) at the step's temperature."""
         x = self._condition(x, cond)
-        pm, pv, xpp = self._prior_outputs(self.prior(x))
-        x = x + xpp
+        x, prior_h = self.prior.apply_c1(x)
+        g = self.prior.c4_input(prior_h)
+        pm, pv = self._prior_stats(g)
         z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), step["eps"])
-        x, z = self._finish(x, z, step)
+        x, z = self._finish(x, g, z, step)
         return x, z
 
 
