@@ -86,3 +86,12 @@ def test_gelu_and_its_gradient_match_torch():
     np.testing.assert_allclose(value, torch.nn.functional.gelu(t).detach().numpy(), rtol=0, atol=2e-6)
     np.testing.assert_allclose(grad, t.grad.numpy(), rtol=0, atol=2e-6)
     assert np.abs(np.asarray(value) - np.asarray(jax.nn.gelu(x, approximate=True))).max() > 1e-4  # not tanh's
+
+
+def test_gelu_backward_keeps_one_array():
+    """GELU'(x) is kept for the backward pass, not the formula's three intermediates (which a rolled scan stacks)."""
+    x = jnp.linspace(-4, 4, 64).reshape(8, 8)
+    _, backward = jax.vjp(gelu, x)
+    assert [leaf.shape for leaf in jax.tree.leaves(backward) if leaf.ndim] == [x.shape]
+    expected = jax.grad(lambda x: (0.5 * x * (1 + jax.lax.erf(x / np.sqrt(2)))).sum())(x)
+    np.testing.assert_allclose(backward(jnp.ones_like(x))[0], expected, rtol=0, atol=1e-6)

@@ -30,9 +30,19 @@ from vdvae_sr_jax.hparams import (
 Array = Any
 
 
+@jax.custom_jvp
 def gelu(x):
     """The exact GELU as the official code computes it, x/2 (1 + erf(x/sqrt 2)), not the tanh approximation."""
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    """GELU'(x) = Phi(x) + x phi(x), so that the backward pass keeps one array per GELU: differentiating the formula
+    keeps three, and a rolled scan stacks each of them."""
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    return x * cdf, (cdf + x * jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))) * t
 
 
 def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 1.0, zero: bool = False,
