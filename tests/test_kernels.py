@@ -26,8 +26,9 @@ def test_supports_whole_tiles_of_16_bit_floats():
     assert not kernels.supports(4096, 96, 256, jnp.bfloat16)  # a partial column tile
     assert not kernels.supports(4096, 512, 512, jnp.bfloat16)  # too wide a product for the registers
     assert not kernels.supports(4096, 512, 256, jnp.float32)
-    assert kernels.weight_grad_splits(262_144) == kernels.MAX_SPLITS and kernels.weight_grad_splits(192) == 1
-    assert kernels.weight_grad_splits(256) == 4
+    # sr64's c1 rows at batch 64: 64x64, 32x32, 16x16 and 8x8; whole row steps; at least MIN_SPLIT_ROWS a part
+    assert [kernels.weight_grad_splits(64 * r * r) for r in (64, 32, 16, 8)] == [64, 64, 16, 4]
+    assert kernels.weight_grad_splits(192) == 1 and kernels.weight_grad_splits(3 * 1024) == 2
 
 
 def _xla_gelu_matmul(x, w):
@@ -37,7 +38,8 @@ def _xla_gelu_matmul(x, w):
 
 
 @pytest.mark.parametrize("n", [64, 256])
-def test_gelu_matmul_and_its_gradients_match_xla(n):
+def test_gelu_matmul_and_its_gradients_match_xla(n, monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_SPLIT_ROWS", 64)
     m, k = 256, 256  # two row tiles of four column steps; the weight gradient in two column tiles of 4 partial sums
     x = (2 * jax.random.normal(jax.random.key(0), (m, k))).astype(jnp.bfloat16)
     w = (0.05 * jax.random.normal(jax.random.key(1), (k, n))).astype(jnp.bfloat16)

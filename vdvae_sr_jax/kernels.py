@@ -23,6 +23,7 @@ WGRAD_ROWS = 64
 WIDTHS = (16, 32, 64, 128, 256)  # product widths N whose [ROW_TILE, N] float32 tile stays in registers
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit inputs of the tensor-core products
 MAX_SPLITS = 64  # programs summing the weight gradient over parts of the rows, each into its own partial sum
+MIN_SPLIT_ROWS = 1024  # rows per part at least, so that the float32 partial sums stay small beside x and dy
 _A_AND_S = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # Abramowitz & Stegun 7.1.26
 
 
@@ -124,10 +125,11 @@ def _input_grad(dy, w, x, dx_rest, interpret: bool):
 
 
 def weight_grad_splits(m: int) -> int:
-    """How many programs share the rows in the weight gradient: as many as MAX_SPLITS, each with whole row steps,
-    so that even k / WGRAD_COLS column tiles fill the GPU."""
+    """How many programs share the rows in the weight gradient: as many as MAX_SPLITS, so that even k / WGRAD_COLS
+    column tiles fill the GPU, but with MIN_SPLIT_ROWS rows each where m allows, in whole row steps. Their partial
+    sums, k x n float32 each, then weigh at most a third of what the kernel reads."""
     splits = MAX_SPLITS
-    while m % (splits * WGRAD_ROWS):
+    while splits > 1 and (m % (splits * WGRAD_ROWS) or m < splits * MIN_SPLIT_ROWS):
         splits //= 2
     return splits
 
