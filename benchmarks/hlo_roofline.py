@@ -28,6 +28,8 @@ SLICES = {"slice", "dynamic-slice", "gather"}
 # any other op (elementwise, broadcast, transpose) needs only the input elements under the output elements used.
 WHOLE = {"tuple", "reduce", "reduce-window", "dot", "convolution", "scatter", "sort", "select-and-scatter",
          "dynamic-update-slice", "custom-call", "fusion", "concatenate", "pad", "reverse", "iota", "rng"}
+# Parts of an op_name path that say how JAX traced the op, not where in the model it is.
+_TRACING = re.compile(r"^(?:\w*\(.*\)|while|body|cond|closed_call|branch_\d+_fun)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,8 @@ class Instruction:
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One kernel of the program: `count` launches per run, each reading and writing that many bytes."""
+    """One kernel of the program: `count` launches per run, each reading and writing that many bytes; `source` is
+    the model op it comes from (see `source`)."""
 
     name: str
     kind: str
@@ -50,6 +53,7 @@ class Kernel:
     bytes_read: int
     bytes_written: int
     flops: int
+    source: str = ""
 
 
 def array_bytes(type_text: str) -> int:
@@ -96,6 +100,18 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
 def _attribute(instruction: Instruction, key: str) -> str | None:
     match = re.search(rf"\b{key}=%?([\w.\-]+)", instruction.attributes)
     return match.group(1) if match else None
+
+
+def source(attributes: str) -> str:
+    """The model op an instruction comes from: the last three parts of its op_name, less JAX's tracing wrappers,
+    with numbers after an underscore as N (so that every run of scanned blocks counts as one), and "(backward)"
+    where autodiff transposed it; "" without an op_name."""
+    op_name = re.search(r'op_name="([^"]*)"', attributes)
+    if op_name is None:
+        return ""
+    parts = [part for part in op_name.group(1).split("/") if not _TRACING.match(part)]
+    where = re.sub(r"_\d+", "_N", "/".join(parts[-3:]))
+    return f"{where} (backward)" if "transpose(" in op_name.group(1) else where
 
 
 def custom_call_target(instruction: Instruction) -> str:
@@ -227,7 +243,8 @@ class _Program:
             read = sum(array_bytes(self.types[o]) for o in instruction.operands)
             written = array_bytes(re.sub(r"\b[su]8\[\d+\]", "", instruction.type))  # less cuDNN's or cuBLAS's scratch
         kind = op_profile.category(f"{instruction.name} {custom_call_target(instruction)}", self.opcodes(instruction))
-        return Kernel(instruction.name, kind, count, read, written, self.flops(instruction))
+        return Kernel(instruction.name, kind, count, read, written, self.flops(instruction),
+                      source(instruction.attributes))
 
 
 def kernels(hlo_text: str) -> list[Kernel]:
@@ -236,22 +253,28 @@ def kernels(hlo_text: str) -> list[Kernel]:
     return program.kernels(program.entry)
 
 
-def roofline(hlo_text: str, peak_flops: float, bandwidth: float, launch_s: float = 2e-6) -> dict:
+def roofline(hlo_text: str, peak_flops: float, bandwidth: float, launch_s: float = 2e-6, n_sources: int = 25) -> dict:
     """The program's kernels summed per kind (op_profile's categories) and in all: launches, GB moved, TFLOPs, and
     the roofline time in ms (each kernel at the slower of FLOPs/`peak_flops` and bytes/`bandwidth`, plus
-    `launch_s`); `memory_ms` is the bytes alone at the bandwidth."""
-    rows = defaultdict(lambda: {"launches": 0, "gbytes": 0.0, "tflops": 0.0, "ms": 0.0, "memory_ms": 0.0})
+    `launch_s`); `memory_ms` is the bytes alone at the bandwidth. `sources` sums them likewise for the `n_sources`
+    costliest model ops (`source`), where to look for what to fuse."""
+    def row():
+        return {"launches": 0, "gbytes": 0.0, "tflops": 0.0, "ms": 0.0, "memory_ms": 0.0}
+
+    rows, sources = defaultdict(row), defaultdict(row)
     for k in kernels(hlo_text):
         moved = k.bytes_read + k.bytes_written
         seconds = max(k.flops / peak_flops, moved / bandwidth) + launch_s
-        for row in rows[k.kind], rows["total"]:
-            row["launches"] += k.count
-            row["gbytes"] += k.count * moved / 1e9
-            row["tflops"] += k.count * k.flops / 1e12
-            row["ms"] += k.count * seconds * 1e3
-            row["memory_ms"] += k.count * moved / bandwidth * 1e3
+        for r in rows[k.kind], rows["total"], sources[k.source]:
+            r["launches"] += k.count
+            r["gbytes"] += k.count * moved / 1e9
+            r["tflops"] += k.count * k.flops / 1e12
+            r["ms"] += k.count * seconds * 1e3
+            r["memory_ms"] += k.count * moved / bandwidth * 1e3
+    costliest = sorted(sources.items(), key=lambda kv: -kv[1]["ms"])[:n_sources]
     return {"peak_tflops": peak_flops / 1e12, "bandwidth_tb_s": bandwidth / 1e12, "launch_us": launch_s * 1e6,
-            "kinds": dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"]))}
+            "kinds": dict(sorted(rows.items(), key=lambda kv: -kv[1]["ms"])),
+            "sources": [{"source": name, **r} for name, r in costliest]}
 
 
 def markdown(report: dict) -> str:
@@ -261,5 +284,10 @@ def markdown(report: dict) -> str:
             "| kernels | launches | GB | TFLOP | ms | bytes alone (ms) |", "|---|---|---|---|---|---|"]
     rows += [f"| {kind} | {r['launches']} | {r['gbytes']:.1f} | {r['tflops']:.2f} | {r['ms']:.1f} | "
              f"{r['memory_ms']:.1f} |" for kind, r in report["kinds"].items()]
+    if report.get("sources"):
+        rows += ["", "| costliest model ops | launches | GB | TFLOP | ms | bytes alone (ms) |",
+                 "|---|---|---|---|---|---|"]
+        rows += [f"| {r['source'] or '(no op_name)'} | {r['launches']} | {r['gbytes']:.1f} | {r['tflops']:.2f} | "
+                 f"{r['ms']:.1f} | {r['memory_ms']:.1f} |" for r in report["sources"]]
     return "\n".join(rows)
 

@@ -132,3 +132,24 @@ def test_roofline_takes_each_kernel_at_its_slower_bound():
     assert total["memory_ms"] == pytest.approx(moved / bandwidth * 1e3)
     assert sum(r["launches"] for kind, r in report["kinds"].items() if kind != "total") == 9
     assert "| convolution | 3 |" in hlo_roofline.markdown(report)
+
+
+def test_sources_name_the_model_op_and_share_out_the_roofline():
+    """Each kernel's model op: the op_name's last three parts without JAX's tracing, one name for every run of
+    scanned blocks, backward ops apart; the costliest ops' rows add up to the total."""
+    scanned = ('metadata={op_name="jit(train_step)/transpose(jvp(VDVAESR))/VDVAESR._elbo/decoder/while/body/'
+               'closed_call/dec_blocks_62_74.<lambda>/dec_blocks_62_74.posterior/resnet/resnet.after_c1/c4/add"}')
+    assert hlo_roofline.source(scanned) == "resnet.after_c1/c4/add (backward)"
+    assert hlo_roofline.source(scanned.replace("62_74", "13_24")) == hlo_roofline.source(scanned)
+    assert hlo_roofline.source('metadata={op_name="jit(loss)/jvp()/mul"}') == "mul"
+    assert hlo_roofline.source("backend_config={}") == ""
+    hlo = H100_CONV_GRAD.read_text()
+    report = hlo_roofline.roofline(hlo, 1e12, 1e9, 1e-6)
+    by_source = {r["source"]: r for r in report["sources"]}
+    assert by_source["conv_general_dilated"]["launches"] == 1  # the forward convolution
+    assert by_source["conv_general_dilated (backward)"]["launches"] == 2  # its input and its kernel gradients
+    assert by_source["conv_general_dilated (backward)"]["tflops"] == pytest.approx(2 * 589824 / 1e12)
+    for key in ("launches", "gbytes", "ms"):
+        assert sum(r[key] for r in report["sources"]) == pytest.approx(report["kinds"]["total"][key])
+    assert "| conv_general_dilated (backward) | 2 |" in hlo_roofline.markdown(report)
+    assert len(hlo_roofline.roofline(hlo, 1e12, 1e9, 1e-6, n_sources=2)["sources"]) == 2
