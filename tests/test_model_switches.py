@@ -1,5 +1,5 @@
-"""The model's speed switches (remat, 1x1 convs as matrix products) give the same params, loss and gradients; a 1x1
-conv in parts is one conv."""
+"""The model's speed switches (remat, 1x1 convs as matrix products) give the same params, loss and gradients; a
+Pointwise is nn.Conv's 1x1 conv."""
 
 import flax.linen as nn
 import jax
