@@ -337,9 +337,11 @@ def throughput(record: dict, times: list[float], config, mode: str) -> dict:
 
 
 def is_out_of_memory(error: Exception) -> bool:
-    """Whether an error is XLA running out of device memory, or a program too large for the target GPU."""
+    """Whether an error is XLA running out of device memory, or a program too large for the target GPU. A kernel
+    that asks for more shared memory than an SM has is also RESOURCE_EXHAUSTED, but no batch size would fit it."""
     return isinstance(error, DoesNotFit) or (isinstance(error, jax.errors.JaxRuntimeError)
-                                             and "RESOURCE_EXHAUSTED" in str(error))
+                                             and "RESOURCE_EXHAUSTED" in str(error)
+                                             and "Shared memory" not in str(error))
 
 
 def measure_or_out_of_memory(measure, batch_size: int) -> dict:
@@ -350,7 +352,7 @@ def measure_or_out_of_memory(measure, batch_size: int) -> dict:
     except (jax.errors.JaxRuntimeError, DoesNotFit) as error:
         if not is_out_of_memory(error):
             raise
-        logging.warning("batch %d: out of device memory", batch_size)
+        logging.warning("batch %d: out of device memory: %s", batch_size, error)
         return {"batch_size": batch_size, "out_of_memory": True}
 
 

@@ -23,18 +23,18 @@ from vdvae_sr_jax.model import gelu_product
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs of each program; their median is reported.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels through Pallas's interpreter (no GPU needed).")
-# (resolution, input channels, outputs) of sr64's c1 products: enc.c1 and prior.c1 as one, resnet.c1.
-SHAPES = ((64, 512, 256), (64, 512, 128), (32, 512, 256), (32, 512, 128))
+# (resolution, input channels, output widths) of sr64's c1 products: enc.c1 and prior.c1 together, resnet.c1.
+SHAPES = ((64, 512, (128, 128)), (64, 512, (128,)), (32, 512, (128, 128)), (32, 512, (128,)))
 
 
 def programs(fn):
-    """Jitted forward pass and forward-and-backward pass of `fn(x, w) -> (x, y)`; the backward pass gets the
-    gradient of x's other uses (dx_rest) and of y."""
-    forward = jax.jit(lambda x, w: fn(x, w)[1])
+    """Jitted forward pass and forward-and-backward pass of `fn(x, ws) -> (x, ys)`; the backward pass gets the
+    gradient of x's other uses (dx_rest) and of each y."""
+    forward = jax.jit(lambda x, ws: fn(x, ws)[1])
 
-    def both(x, w, dx_rest, dy):
-        out, vjp = jax.vjp(fn, x, w)
-        return out[1], *vjp((dx_rest, dy))
+    def both(x, ws, dx_rest, dys):
+        out, vjp = jax.vjp(fn, x, ws)
+        return out[1], *vjp((dx_rest, dys))
 
     return forward, jax.jit(both)
 
@@ -50,25 +50,27 @@ def median_seconds(fn, args, runs: int) -> float:
     return statistics.median(times)
 
 
-def compare(batch: int, res: int, k: int, n: int, runs: int, interpret: bool = False) -> dict:
-    """One shape: each output's largest difference relative to XLA's largest magnitude, and both sides' times."""
-    keys = jax.random.split(jax.random.key(0), 4)
-    x = (2 * jax.random.normal(keys[0], (batch, res, res, k))).astype(jnp.bfloat16)
-    w = (0.05 * jax.random.normal(keys[1], (1, 1, k, n))).astype(jnp.bfloat16)
-    dx_rest = jax.random.normal(keys[2], x.shape).astype(jnp.bfloat16)
-    dy = jax.random.normal(keys[3], (batch, res, res, n)).astype(jnp.bfloat16)
-    record = {"batch": batch, "resolution": res, "in_channels": k, "outputs": n}
+def compare(batch: int, res: int, k: int, widths: tuple, runs: int, interpret: bool = False) -> dict:
+    """One shape: each output's largest difference relative to XLA's largest magnitude (the largest over the
+    products, and over the weights' gradients), and both sides' times."""
+    keys = iter(jax.random.split(jax.random.key(0), 2 + 2 * len(widths)))
+    x = (2 * jax.random.normal(next(keys), (batch, res, res, k))).astype(jnp.bfloat16)
+    dx_rest = jax.random.normal(next(keys), x.shape).astype(jnp.bfloat16)
+    ws = tuple((0.05 * jax.random.normal(next(keys), (1, 1, k, n))).astype(jnp.bfloat16) for n in widths)
+    dys = tuple(jax.random.normal(next(keys), (batch, res, res, n)).astype(jnp.bfloat16) for n in widths)
+    record = {"batch": batch, "resolution": res, "in_channels": k, "outputs": "+".join(map(str, widths))}
     outputs = {}
     # XLA's GELU then a 1x1 convolution, as the model runs without the kernels; then the kernels.
     for name, fn in (("xla", partial(gelu_product, pointwise="conv")),
                      ("pallas", partial(kernels.gelu_pointwise, interpret=interpret))):
         forward, both = programs(fn)
-        outputs[name] = both(x, w, dx_rest, dy)
-        record[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (x, w), runs)
-        record[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(both, (x, w, dx_rest, dy), runs)
+        outputs[name] = both(x, ws, dx_rest, dys)
+        record[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (x, ws), runs)
+        record[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(both, (x, ws, dx_rest, dys), runs)
     for label, got, want in zip(("y", "dx", "dw"), outputs["pallas"], outputs["xla"]):
-        got, want = got.astype(jnp.float32), want.astype(jnp.float32)
-        record[f"{label}_error"] = float(jnp.abs(got - want).max() / jnp.abs(want).max())
+        pairs = [(g.astype(jnp.float32), w.astype(jnp.float32)) for g, w in zip(jax.tree.leaves(got),
+                                                                                 jax.tree.leaves(want))]
+        record[f"{label}_error"] = max(float(jnp.abs(g - w).max() / jnp.abs(w).max()) for g, w in pairs)
     return record
 
 

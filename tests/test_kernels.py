@@ -14,42 +14,50 @@ from vdvae_sr_jax.model import gelu, init_params, model_from_config
 
 def test_erf_gelu_and_its_gradient_match_xla():
     x = jnp.linspace(-8.0, 8.0, 200_001)
+    value, grad = kernels.gelu_and_grad(x)
     assert float(jnp.abs(kernels.erf(x) - jax.lax.erf(x)).max()) < 6e-7
-    assert float(jnp.abs(kernels.gelu(x) - gelu(x)).max()) < 2e-6
-    assert float(jnp.abs(kernels.gelu_grad(x) - jax.vmap(jax.grad(gelu))(x)).max()) < 1e-6
+    assert float(jnp.abs(kernels.gelu(x) - gelu(x)).max()) < 2e-6 and float(jnp.abs(value - gelu(x)).max()) < 2e-6
+    assert float(jnp.abs(grad - jax.vmap(jax.grad(gelu))(x)).max()) < 1e-6
 
 
 def test_supports_whole_tiles_of_16_bit_floats():
-    assert kernels.supports(4096, 512, 256, jnp.bfloat16) and kernels.supports(128, 128, 16, jnp.float16)
-    assert not kernels.supports(64, 128, 16, jnp.float16)  # half a row tile
-    assert not kernels.supports(4096 + 64, 512, 256, jnp.bfloat16)  # a partial row tile
-    assert not kernels.supports(4096, 96, 256, jnp.bfloat16)  # a partial column tile
-    assert not kernels.supports(4096, 512, 512, jnp.bfloat16)  # too wide a product for the registers
-    assert not kernels.supports(4096, 512, 256, jnp.float32)
+    assert kernels.supports(4096, 512, [128, 128], jnp.bfloat16) and kernels.supports(128, 128, [16], jnp.float16)
+    assert kernels.supports(4096, 512, [256], jnp.bfloat16)
+    assert not kernels.supports(64, 128, [16], jnp.float16)  # half a row tile
+    assert not kernels.supports(4096 + 64, 512, [256], jnp.bfloat16)  # a partial row tile
+    assert not kernels.supports(4096, 96, [256], jnp.bfloat16)  # a partial column tile
+    assert not kernels.supports(4096, 512, [512], jnp.bfloat16)  # too wide a product for the registers
+    assert not kernels.supports(4096, 512, [256, 128], jnp.bfloat16)  # so are the products together
+    assert not kernels.supports(4096, 512, [128, 96], jnp.bfloat16)  # not a tile width
+    assert not kernels.supports(4096, 512, [256], jnp.float32)
     # sr64's c1 rows at batch 64: 64x64, 32x32, 16x16 and 8x8; whole row steps; at least MIN_SPLIT_ROWS a part
-    assert [kernels.weight_grad_splits(64 * r * r) for r in (64, 32, 16, 8)] == [64, 64, 16, 4]
-    assert kernels.weight_grad_splits(192) == 1 and kernels.weight_grad_splits(3 * 1024) == 2
+    assert [kernels.row_splits(64 * r * r) for r in (64, 32, 16, 8)] == [64, 64, 16, 4]
+    assert kernels.row_splits(192) == 1 and kernels.row_splits(3 * 1024) == 2
 
 
-def _xla_gelu_matmul(x, w):
-    """What the kernels compute, in XLA's ops: GELU in float32, the product of bf16 inputs accumulated in float32."""
-    g = gelu(x.astype(jnp.float32)).astype(w.dtype)
-    return x, jnp.dot(g, w, preferred_element_type=jnp.float32).astype(x.dtype)
+def _xla_gelu_matmul(x, ws):
+    """What the kernels compute, in XLA's ops: GELU in float32, the products of bf16 inputs accumulated in float32."""
+    g = gelu(x.astype(jnp.float32)).astype(ws[0].dtype)
+    return x, tuple(jnp.dot(g, w, preferred_element_type=jnp.float32).astype(x.dtype) for w in ws)
 
 
-@pytest.mark.parametrize("n", [64, 256])
-def test_gelu_matmul_and_its_gradients_match_xla(n, monkeypatch):
+@pytest.mark.parametrize("widths", [(64,), (128, 128), (32, 16)])
+def test_gelu_matmul_and_its_gradients_match_xla(widths, monkeypatch):
     monkeypatch.setattr(kernels, "MIN_SPLIT_ROWS", 64)
-    m, k = 256, 256  # two row tiles of four column steps; the weight gradient in two column tiles of 4 partial sums
-    x = (2 * jax.random.normal(jax.random.key(0), (m, k))).astype(jnp.bfloat16)
-    w = (0.05 * jax.random.normal(jax.random.key(1), (k, n))).astype(jnp.bfloat16)
-    dy = jax.random.normal(jax.random.key(2), (m, n)).astype(jnp.bfloat16)
-    dx_rest = jax.random.normal(jax.random.key(3), (m, k)).astype(jnp.bfloat16)  # the gradient of x's other uses
-    (x_out, y), vjp = jax.vjp(lambda x, w: kernels.gelu_matmul(x, w, True), x, w)
-    (_, y_ref), vjp_ref = jax.vjp(_xla_gelu_matmul, x, w)
-    assert y.dtype == jnp.bfloat16 and y.shape == (m, n)
+    m, k = 256, 256  # two row tiles of four column steps; the backward kernel in two column tiles of 4 row parts
+    keys = jax.random.split(jax.random.key(0), 2 + 2 * len(widths))
+    x = (2 * jax.random.normal(keys[0], (m, k))).astype(jnp.bfloat16)
+    dx_rest = jax.random.normal(keys[1], (m, k)).astype(jnp.bfloat16)  # the gradient of x's other uses
+    ws = tuple((0.05 * jax.random.normal(key, (k, n))).astype(jnp.bfloat16) for key, n in zip(keys[2:], widths))
+    dys = tuple(jax.random.normal(key, (m, n)).astype(jnp.bfloat16) for key, n in zip(keys[2 + len(widths):], widths))
+    (x_out, ys), vjp = jax.vjp(lambda x, ws: kernels.gelu_matmul(x, ws, True), x, ws)
+    (_, ys_ref), vjp_ref = jax.vjp(_xla_gelu_matmul, x, ws)
+    assert [(y.dtype, y.shape) for y in ys] == [(jnp.bfloat16, (m, n)) for n in widths]
     np.testing.assert_array_equal(x_out, x)
-    for got, want in zip((y, *vjp((dx_rest, dy))), (y_ref, *vjp_ref((dx_rest, dy)))):
+    results = jax.tree.leaves((ys, vjp((dx_rest, dys))))
+    references = jax.tree.leaves((ys_ref, vjp_ref((dx_rest, dys))))
+    assert len(results) == len(references) == 1 + 2 * len(widths)  # each product, dx, and each weight's gradient
+    for got, want in zip(results, references):
         got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
         assert got.shape == want.shape and np.abs(want).max() > 1.0
         # a bf16 rounding of the result apart at most: both accumulate in float32, in different orders
@@ -58,12 +66,11 @@ def test_gelu_matmul_and_its_gradients_match_xla(n, monkeypatch):
 
 
 def _pallas_triton_calls(lowered_text: str) -> set[str]:
-    return {kernel for kernel in ("_forward_kernel", "_input_grad_kernel", "_weight_grad_kernel")
-            if f'name = "{kernel}"' in lowered_text}
+    return {kernel for kernel in ("_forward_kernel", "_backward_kernel") if f'name = "{kernel}"' in lowered_text}
 
 
 def test_model_runs_the_kernels_on_cuda_and_xla_elsewhere():
-    """With 128 channels, every c1 at 8x8 and up fits the kernels: the train step lowered for CUDA calls all three,
+    """With 128 channels, every c1 at 8x8 and up fits the kernels: the train step lowered for CUDA calls both,
     and on the CPU it lowers to XLA's ops and computes the default model's loss."""
     config = tiny_config(steps=1, batch_per_device=4, checkpoint_every=1)
     config.model.update(width=128, lr_width=128)
@@ -83,8 +90,7 @@ def test_model_runs_the_kernels_on_cuda_and_xla_elsewhere():
         traced = steps[pointwise].trace(*args)
         assert not _pallas_triton_calls(traced.lower().as_text())
         on_cuda = _pallas_triton_calls(traced.lower(lowering_platforms=("cuda",)).as_text())
-        assert on_cuda == (set() if pointwise == "conv" else {"_forward_kernel", "_input_grad_kernel",
-                                                              "_weight_grad_kernel"})
+        assert on_cuda == (set() if pointwise == "conv" else {"_forward_kernel", "_backward_kernel"})
     (loss, _), grads = steps["pallas"](*args)
     default_loss = jax.jit(train.elbo_loss(model))(*args)[0]
     assert 1.0 < float(loss) < 20.0 and abs(float(loss) - float(default_loss)) <= 1e-3 * float(default_loss)
@@ -102,12 +108,12 @@ def test_unknown_pointwise_is_an_error_naming_the_key():
 def test_kernel_bench_compares_the_kernels_with_xla():
     """benchmarks/kernel_bench.py on one small shape, the kernels interpreted: both sides timed, and the kernels'
     product and gradients within a bf16 rounding of XLA's."""
-    record = kernel_bench.compare(batch=1, res=16, k=256, n=64, runs=1, interpret=True)
-    assert (record["resolution"], record["in_channels"], record["outputs"]) == (16, 256, 64)
+    record = kernel_bench.compare(batch=1, res=16, k=256, widths=(64, 32), runs=1, interpret=True)
+    assert (record["resolution"], record["in_channels"], record["outputs"]) == (16, 256, "64+32")
     times = [record[f"{side}_{what}_ms"] for side in ("xla", "pallas") for what in ("forward", "forward_backward")]
     assert all(t > 0 for t in times)
     assert all(0 < record[f"{label}_error"] < 2**-7 for label in ("y", "dx", "dw"))
-    assert "| 16 | 256 → 64 |" in kernel_bench.markdown([record])
+    assert "| 16 | 256 → 64+32 |" in kernel_bench.markdown([record])
 
 
 def test_pallas_in_float32_warns_that_xla_runs(caplog):

@@ -91,17 +91,20 @@ def pointwise_product(x, kernel, dot: bool):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def gelu_product(x, kernel, pointwise: str):
-    """(x, `pointwise_product(gelu(x), kernel)`). With `pointwise="pallas"`, a program compiled for a CUDA GPU runs
-    the product as one Pallas kernel that applies the GELU as it loads x (`kernels.gelu_matmul`, where its tiles
-    fit); other platforms run XLA's ops. Use the x returned for x's other uses: the backward kernel then adds their
-    gradient to the product's."""
-    def xla(x, kernel):
-        return x, pointwise_product(gelu(x), kernel, pointwise == "dot")
+def gelu_product(x, weights: tuple, pointwise: str):
+    """(x, (`pointwise_product(gelu(x), kernel)` for each (1, 1, in, out) kernel of `weights`)), GELU(x) read once.
+    With `pointwise="pallas"`, a program compiled for a CUDA GPU runs the products as one Pallas kernel that applies
+    the GELU as it loads x (`kernels.gelu_matmul`, where its tiles fit); other platforms run XLA's ops, one product
+    with the kernels side by side. Use the x returned for x's other uses: the backward kernel then adds their
+    gradient to the products'."""
+    def xla(x, weights):
+        y = pointwise_product(gelu(x), jnp.concatenate(weights, axis=3), pointwise == "dot")
+        return x, tuple(jnp.split(y, np.cumsum(widths)[:-1], axis=-1))
 
-    if pointwise != "pallas" or not kernels.supports(math.prod(x.shape[:-1]), *kernel.shape[2:], x.dtype):
-        return xla(x, kernel)
-    return jax.lax.platform_dependent(x, kernel, cuda=kernels.gelu_pointwise, default=xla)
+    widths = [kernel.shape[3] for kernel in weights]
+    if pointwise != "pallas" or not kernels.supports(math.prod(x.shape[:-1]), x.shape[-1], widths, x.dtype):
+        return xla(x, weights)
+    return jax.lax.platform_dependent(x, weights, cuda=kernels.gelu_pointwise, default=xla)
 
 
 class Block(nn.Module):
@@ -132,7 +135,7 @@ class Block(nn.Module):
         """(x, c1's output); use this x for x's other uses (see gelu_product)."""
         kernel, bias = self.c1.weights(x.shape[-1])
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        x, h = gelu_product(x, kernel, self.pointwise)
+        x, (h,) = gelu_product(x, (kernel,), self.pointwise)
         return x, h + bias
 
     def c4_input(self, h):
@@ -258,10 +261,9 @@ class DecBlock(nn.Module):
         enc_kernel, enc_bias = self.enc.c1.weights(w + activated_acts.shape[-1])
         x, acts, enc_kernel, enc_bias, prior_kernel, prior_bias = nn.dtypes.promote_dtype(
             x, activated_acts, enc_kernel, enc_bias, *self.prior.c1.weights(w), dtype=self.dtype)
-        x, h = gelu_product(x, jnp.concatenate([enc_kernel[:, :, :w], prior_kernel], axis=3), self.pointwise)
-        mid = enc_bias.shape[0]
-        enc = h[..., :mid] + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise == "dot") + enc_bias
-        return x, enc, h[..., mid:] + prior_bias
+        x, (enc_h, prior_h) = gelu_product(x, (enc_kernel[:, :, :w], prior_kernel), self.pointwise)
+        enc = enc_h + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise == "dot") + enc_bias
+        return x, enc, prior_h + prior_bias
 
     def _condition(self, x, cond):
         return x if cond is None else x + (self.gate * cond).astype(x.dtype)
