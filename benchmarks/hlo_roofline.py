@@ -181,7 +181,8 @@ class _Program:
 
     def fusion_bytes(self, instruction: Instruction) -> tuple[int, int]:
         """(read, written) bytes of a fusion: an operand that the fused code only slices counts as its slices, the
-        buffer a dynamic-update-slice updates in place as nothing read and its update written."""
+        buffer a dynamic-update-slice updates in place (directly or through bitcasts, as a rolled loop's stack in a
+        layout whose loop axis is not the outermost) as nothing read and its update written."""
         body = self.computations[_attribute(instruction, "calls")]
         users = defaultdict(list)
         for i in body:
@@ -202,10 +203,14 @@ class _Program:
                     memo[name] = None if None in parts else sum(parts)
             return memo[name]
 
+        def updated_in_place(name: str) -> bool:
+            uses = users[name]
+            return bool(uses) and all(u.opcode == "dynamic-update-slice" and u.operands[0] == name
+                                      or u.opcode == "bitcast" and updated_in_place(u.name) for u in uses)
+
         read = 0
         for parameter in (i for i in body if i.opcode == "parameter"):
-            uses = users[parameter.name]
-            if uses and all(u.opcode == "dynamic-update-slice" and u.operands[0] == parameter.name for u in uses):
+            if updated_in_place(parameter.name):
                 continue
             size = math.prod(array_dims(parameter.type))
             sliced = slices_only(parameter.name)

@@ -67,6 +67,33 @@ ENTRY %main (v: f32[65536]) -> (bf16[256], bf16[8,32]) {
     assert (kernel.bytes_read, kernel.bytes_written) == (2 * 256 * 4, 2 * 256 * 2)
 
 
+def test_a_stack_updated_in_place_through_a_bitcast_is_not_read():
+    """As XLA:GPU writes a block's weight gradient into a rolled loop's stack, laid out with the loop axis inside."""
+    hlo = """HloModule m
+
+%fused (stack: f32[32,3,3,16,8], grad: bf16[8,3,3,16], i: s32[]) -> f32[8,32,3,3,16] {
+  %stack = f32[32,3,3,16,8]{3,2,1,0,4} parameter(0)
+  %view = f32[8,32,3,3,16]{4,3,2,1,0} bitcast(%stack)
+  %grad = bf16[8,3,3,16]{3,2,1,0} parameter(1)
+  %one = bf16[8,1,3,3,16]{4,3,2,1,0} bitcast(%grad)
+  %update = f32[8,1,3,3,16]{4,3,2,1,0} convert(%one)
+  %zero = s32[] constant(0)
+  %i = s32[] parameter(2)
+  ROOT %dus = f32[8,32,3,3,16]{4,3,2,1,0} dynamic-update-slice(%view, %update, %zero, %i, %zero, %zero, %zero)
+}
+
+ENTRY %main (s: f32[32,3,3,16,8], g: bf16[8,3,3,16], i: s32[]) -> f32[8,32,3,3,16] {
+  %s = f32[32,3,3,16,8]{3,2,1,0,4} parameter(0)
+  %g = bf16[8,3,3,16]{3,2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = f32[8,32,3,3,16]{4,3,2,1,0} fusion(%s, %g, %i), kind=kLoop, calls=%fused
+}
+"""
+    (kernel,) = hlo_roofline.kernels(hlo)
+    update = 8 * 3 * 3 * 16
+    assert (kernel.bytes_read, kernel.bytes_written) == (update * 2 + 4, update * 4)
+
+
 def test_cudnn_calls_of_a_gpu_program():
     kernels = {k.name: k for k in hlo_roofline.kernels(H100_CONV_GRAD.read_text())}
     convs = [k for k in kernels.values() if k.kind == "convolution"]
