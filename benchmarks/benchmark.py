@@ -67,13 +67,15 @@ MEMORY_FRACTION = 0.75  # of a GPU's memory that JAX's allocator takes by defaul
 UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
 
 # Dense peak TFLOP/s per JAX device from vendor datasheets: (bf16, fp32), where fp32 is the TF32 tensor-core rate
-# on A100/H100/H200 (XLA's default precision runs float32 convolutions and matmuls in TF32 there). A TPU v2/v3
+# on A100/H100/H200/L4/L40S (XLA's default precision runs float32 convolutions and matmuls in TF32 there). A TPU v2/v3
 # device is one of a chip's two cores. TPUs publish no fp32 peak; the V100 has no bf16 units. Matched in order.
 PEAK_TFLOPS = (
     (("h100 pcie",), 756.0, 378.0),
     (("h100",), 989.4, 494.7),
     (("h200",), 989.4, 494.7),
     (("a100",), 312.0, 156.0),
+    (("l40s",), 362.05, 183.0),
+    (("l4",), 121.0, 60.0),
     (("v100",), None, 15.7),
     (("tpu v2",), 22.5, None),
     (("tpu v3",), 61.5, None),

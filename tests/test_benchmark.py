@@ -79,6 +79,7 @@ def test_peak_table_matches_device_kinds():
     assert peak_tflops("NVIDIA A100-SXM4-40GB", "float32") == 156.0
     assert peak_tflops("TPU v5 lite", "bfloat16") == 197.0
     assert peak_tflops("TPU v5p", "bfloat16") == 459.0
+    assert peak_tflops("NVIDIA L4", "bfloat16") == 121.0 and peak_tflops("NVIDIA L40S", "bfloat16") == 362.05
     assert peak_tflops("TPU v4", "float32") is None
     assert peak_tflops("cpu", "float32") is None
 
@@ -165,7 +166,7 @@ def test_jaxpr_flops_match_xla_on_the_unrolled_program():
 
 
 def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
-    assert {"h100", "h200"} <= set(GPU_TARGETS)
+    assert {"a100", "h100", "h200", "l4"} <= set(GPU_TARGETS)
     if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
         pytest.skip("JAX's CUDA plugin is installed here: the target compiles")
     message = r"--target_gpu=h100 needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"

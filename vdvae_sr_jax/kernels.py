@@ -20,7 +20,11 @@ ROW_TILE = 128
 COL_STEP = 64
 # The backward kernel: columns of x per program, and rows of x per step of its loop over the program's rows.
 BACKWARD_COLS = 128
-BACKWARD_ROWS = 32  # 64 would need more shared memory than an H100 has for three pipeline stages
+BACKWARD_ROWS = 32
+# Software pipeline stages of each kernel's loop (buffers of its tiles in shared memory). Three stages of the backward
+# kernel's tiles need 184 KB for two products of 128, more than an A100 (164 KB) or an L4 (99 KB) has; two fit both.
+FORWARD_STAGES = 3
+BACKWARD_STAGES = 2
 WIDTHS = (16, 32, 64, 128, 256)  # widths of one weight's product
 MAX_WIDTH = 256  # the weights' widths summed: their [ROW_TILE, width] float32 accumulators stay in registers
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # the 16-bit inputs of the tensor-core products
@@ -100,10 +104,10 @@ def _backward_kernel(x_ref, dx_rest_ref, *refs):
         dw_ref[...] = acc
 
 
-def _params(width: int) -> plt.CompilerParams:
-    """Triton's launch parameters for kernels whose accumulators are `width` wide in all (eight warps for [128, 256]
+def _params(width: int, stages: int) -> plt.CompilerParams:
+    """Triton's launch parameters for a kernel whose accumulators are `width` wide in all (eight warps for [128, 256]
     float32)."""
-    return plt.CompilerParams(num_warps=4 if width <= 128 else 8, num_stages=3)
+    return plt.CompilerParams(num_warps=4 if width <= 128 else 8, num_stages=stages)
 
 
 def _flops(m: int, k: int, ws, products: int = 1) -> dict:
@@ -120,7 +124,7 @@ def _forward(x, ws, interpret: bool):
         in_specs=[pl.BlockSpec((ROW_TILE, k), lambda i: (i, 0))]
         + [pl.BlockSpec(w.shape, lambda i: (0, 0)) for w in ws],
         out_specs=tuple(pl.BlockSpec((ROW_TILE, w.shape[1]), lambda i: (i, 0)) for w in ws),
-        compiler_params=_params(sum(w.shape[1] for w in ws)),
+        compiler_params=_params(sum(w.shape[1] for w in ws), FORWARD_STAGES),
         interpret=interpret,
         metadata=_flops(m, k, ws),
     )(x, *ws)
@@ -152,7 +156,7 @@ def _backward(x, ws, dx_rest, dys, interpret: bool):
         + [pl.BlockSpec((BACKWARD_COLS, w.shape[1]), lambda j, s: (j, 0)) for w in ws],
         out_specs=(x_spec,
                    *(pl.BlockSpec((BACKWARD_COLS, w.shape[1]), lambda j, s: (s * col_tiles + j, 0)) for w in ws)),
-        compiler_params=_params(sum(w.shape[1] for w in ws)),
+        compiler_params=_params(sum(w.shape[1] for w in ws), BACKWARD_STAGES),
         interpret=interpret,
         metadata=_flops(m, k, ws, products=2),
     )(x, dx_rest, *dys, *ws)
