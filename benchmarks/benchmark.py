@@ -281,8 +281,8 @@ def gpu_target(name: str):
         topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[name].read_text(),
                                                 topology="1x1x1")
     except Exception as error:  # noqa: BLE001 (a missing plugin fails in several ways, each of them final)
-        raise app.UsageError(f"--target_gpu={name} needs JAX's CUDA plugin (pip install 'jax[cuda12]'), which "
-                             f"could not make a topology for it: {error}") from error
+        raise app.UsageError(f"compiling for the {name} without it needs JAX's CUDA plugin (pip install "
+                             f"'jax[cuda12]'), which could not make a topology for it: {error}") from error
     return topology.devices[0]
 
 

@@ -1,9 +1,12 @@
 """The Pallas GELU-matmul kernels (`vdvae_sr_jax.kernels`) against XLA's GELU and 1x1 convolution, on sr64's c1
 shapes: each side's largest error in the products and the gradients, against XLA in float32, and the device time of
 each side's forward and backward pass. Needs a CUDA GPU; `--interpret` runs the kernels through Pallas's interpreter
-instead (any device, for checking the numbers only).
+instead (any device, for checking the numbers only). `--compile_for` compiles them for GPUs that are not here
+(`benchmarks/gpu_targets`; needs JAX's CUDA plugin) and says whether each fits, since a kernel that asks for more
+shared memory than a GPU has fails in its compile.
 
     python -m benchmarks.kernel_bench --batch=64
+    python -m benchmarks.kernel_bench --compile_for=h100,a100,l4
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks import benchmark
 from vdvae_sr_jax import kernels
 from vdvae_sr_jax.model import gelu_product
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs of each program; their median is reported.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels through Pallas's interpreter (no GPU needed).")
+_COMPILE_FOR = flags.DEFINE_list("compile_for", [], "Only compile the kernels for these GPU targets, without them.")
 # (resolution, input channels, output widths) of sr64's c1 products: enc.c1 and prior.c1 together, resnet.c1.
 LABELS = ("y", "dx", "dw")  # the products, the gradient of x, the weights' gradients
 SHAPES = ((64, 512, (128, 128)), (64, 512, (128,)), (32, 512, (128, 128)), (32, 512, (128,)))
@@ -77,6 +82,28 @@ def compare(batch: int, res: int, k: int, widths: tuple, runs: int, interpret: b
     return record
 
 
+def compile_for(target: str, batch: int) -> list[dict]:
+    """The forward and backward pass of the kernels at each of SHAPES compiled for the named GPU target: whether it
+    compiles, and XLA's error where it does not."""
+    sharding = jax.sharding.SingleDeviceSharding(benchmark.gpu_target(target))
+
+    def spec(*shape):
+        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
+
+    records = []
+    for res, k, widths in SHAPES:
+        x = spec(batch, res, res, k)
+        args = (x, tuple(spec(1, 1, k, n) for n in widths), x, tuple(spec(batch, res, res, n) for n in widths))
+        record = {"target": target, "batch": batch, "resolution": res, "in_channels": k,
+                  "outputs": "+".join(map(str, widths)), "compiles": True}
+        try:
+            programs(kernels.gelu_pointwise)[1].lower(*args).compile()
+        except jax.errors.JaxRuntimeError as error:
+            record.update(compiles=False, error=str(error).splitlines()[0])
+        records.append(record)
+    return records
+
+
 def markdown(records: list[dict]) -> str:
     """The records as a Markdown table."""
     rows = ["| resolution | in → out | forward, XLA / Pallas (ms) | forward + backward, XLA / Pallas (ms) | "
@@ -91,6 +118,12 @@ def markdown(records: list[dict]) -> str:
 
 def main(argv) -> None:
     del argv
+    if _COMPILE_FOR.value:
+        records = [r for target in _COMPILE_FOR.value for r in compile_for(target, _BATCH.value)]
+        print(json.dumps(records, indent=1))
+        if not all(r["compiles"] for r in records):
+            raise SystemExit("some kernels do not compile for their GPU")
+        return
     if not _INTERPRET.value and jax.default_backend() != "gpu":
         raise app.UsageError(f"the kernels need a CUDA GPU, and JAX runs on {jax.default_backend()}: "
                              "pass --interpret to check their numbers here")

@@ -9,6 +9,7 @@ import pytest
 from absl import app
 from tiny_training import tiny_config
 
+from benchmarks import kernel_bench
 from benchmarks.benchmark import (
     GPU_TARGETS,
     DoesNotFit,
@@ -166,12 +167,15 @@ def test_jaxpr_flops_match_xla_on_the_unrolled_program():
 
 
 def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
+    """--target_gpu, and kernel_bench's --compile_for."""
     assert {"a100", "h100", "h200", "l4"} <= set(GPU_TARGETS)
     if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
         pytest.skip("JAX's CUDA plugin is installed here: the target compiles")
-    message = r"--target_gpu=h100 needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"
-    with pytest.raises(app.UsageError, match=message):
+    message = r"compiling for the {} without it needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"
+    with pytest.raises(app.UsageError, match=message.format("h100")):
         gpu_target("h100")
+    with pytest.raises(app.UsageError, match=message.format("l4")):  # kernel_bench --compile_for=l4
+        kernel_bench.compile_for("l4", batch=4)
 
 
 def test_gelu_as_identity_leaves_the_convolutions_and_no_erf(config):
