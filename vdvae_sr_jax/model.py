@@ -48,7 +48,7 @@ def _gelu_jvp(primals, tangents):
 @jax.custom_vjp
 def add_bias(y, bias):
     """y + bias, in y's dtype. The bias gradient sums over every position in float32: summed in bfloat16, as XLA
-    does for a bfloat16 y, the biases of a width-64 VDVAE-SR came out 11% off float32 (median), the kernels 0.4%."""
+    does for a bfloat16 y, the biases of sr64 at width 64 came out 8.8% off float32 (median), the kernels 0.7%."""
     return y + bias.astype(y.dtype)
 
 
