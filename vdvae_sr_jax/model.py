@@ -93,10 +93,11 @@ class Conv(nn.Module):
         kernel, bias = self.weights(x.shape[-1])
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if self.kernel_size == 1:
-            return add_bias(pointwise_product(x, kernel, self.dot), bias)
-        pad = self.kernel_size // 2
-        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            y = pointwise_product(x, kernel, self.dot)
+        else:
+            pad = self.kernel_size // 2
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return add_bias(y, bias)
 
 
