@@ -55,7 +55,7 @@ def vdvae_config(
     config.checkpoint = checkpoint
     config.official_checkpoint = official_checkpoint
     config.compute_dtype = "float32"
-    config.scan_unroll = 1  # blocks unrolled per scan step; CPU runs unrolled gradients ~10x faster
+    config.scan_unroll = 1  # blocks unrolled per scan step: a longer compile for a faster step on a GPU
     config.remat = False  # recompute top-down blocks' activations in the backward pass; saves memory with rolled scans
     # How 1x1 convs run, with the same params: "conv" (cuDNN on a GPU); "dot", as matrix products over channels;
     # "pallas", each c1 of GELU(x) as one Pallas kernel that applies the GELU as it loads x (CUDA GPUs, bf16 or f16;

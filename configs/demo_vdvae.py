@@ -24,5 +24,4 @@ def get_config():
         ),
     )
     config.sample.num = 8
-    config.scan_unroll = 64  # CPU: unroll every run
     return config

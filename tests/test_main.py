@@ -19,7 +19,7 @@ def test_sr_demo_trains_and_writes_outputs(tmp_path, subprocess_env):
     subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.steps=20", "--config.train.log_every=5", "--config.train.steps_per_epoch=10",
-         "--config.train.sample_every=20", "--config.data.eval_images=4", "--config.scan_unroll=1"],
+         "--config.train.sample_every=20", "--config.data.eval_images=4"],
         cwd=ROOT, check=True, capture_output=True, env=subprocess_env,
     )
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -43,7 +43,7 @@ def test_vdvae_evaluates_and_samples_its_checkpoint(tmp_path, subprocess_env):
     env = {k: v for k, v in subprocess_env.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     common = [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo_vdvae.py", f"--workdir={tmp_path}",
               "--config.train.steps=10", "--config.train.log_every=5", "--config.sample.num=4",
-              "--config.scan_unroll=1", f"--config.compilation_cache={cache}", *small]
+              f"--config.compilation_cache={cache}", *small]
     logs = {mode: subprocess.run(common + [f"--mode={mode}"], cwd=ROOT, check=True, capture_output=True, text=True,
                                  env=dict(env, JAX_LOG_COMPILES="1")).stderr
             for mode in ("train", "evaluate", "sample")}

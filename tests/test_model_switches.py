@@ -1,5 +1,8 @@
 """The model's speed switches (remat, 1x1 convs as matrix products) give the same params, loss and gradients; a
-Conv is nn.Conv; bfloat16 compute keeps the bias gradients as close to float32 as the kernels'."""
+Conv is nn.Conv, with autodiff's gradients on every platform; bfloat16 compute keeps the bias gradients as close
+to float32 as the kernels'."""
+
+from collections import Counter
 
 import flax.linen as nn
 import jax
@@ -9,6 +12,7 @@ from jax.extend.core import jaxprs_in_params
 from tiny_training import tiny_config
 
 from vdvae_sr_jax import data, train
+from vdvae_sr_jax import model as vdvae
 from vdvae_sr_jax.model import Conv, init_params, model_from_config
 
 
@@ -29,19 +33,20 @@ def _loss_and_grads(params, **switches):
     return float(loss), grads, grad_fn.lower(*args).cost_analysis()["flops"], _count_nested(grad_fn, args)
 
 
-def _count_nested(fn, args) -> dict[str, int]:
-    """How many conv and dot_general equations the function's jaxpr holds, sub-jaxprs (scan bodies) included."""
-    counts = {"conv_general_dilated": 0, "dot_general": 0}
-
-    def visit(jaxpr):
+def _count_nested(fn, args) -> Counter:
+    """How many conv and dot_general equations the function's jaxpr holds, sub-jaxprs (scan bodies) included, and of
+    a cond its first branch (same_conv's gradients are one on the CPU and one elsewhere)."""
+    def visit(jaxpr) -> Counter:
+        counts = Counter()
         for eqn in jaxpr.eqns:
-            if eqn.primitive.name in counts:
+            if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
                 counts[eqn.primitive.name] += 1
-            for sub in jaxprs_in_params(eqn.params):
-                visit(sub)
+            subs = list(jaxprs_in_params(eqn.params))
+            for sub in subs[:1] if eqn.primitive.name == "cond" else subs:
+                counts += visit(sub)
+        return counts
 
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return counts
+    return visit(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +95,28 @@ def test_conv_is_nn_conv(size, dot):
         return jax.grad(lambda p, x: (module.apply(p, x) * weights).sum(), argnums=(0, 1))(params, x)
 
     jax.tree.map(lambda o, c: np.testing.assert_allclose(o, c, rtol=1e-5, atol=1e-5), grads(ours), grads(theirs))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_same_conv_gradients_are_autodiffs_on_every_platform(size):
+    """Both of same_conv's gradient rules (the CPU's forward convolutions, other platforms' transposes) give
+    autodiff's gradients, and compute only those autodiff computes: none for an input image or a frozen kernel."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, kernel, dy = (jax.random.normal(k, s) for k, s in zip(keys, [(2, 6, 5, 4), (size, size, 4, 3), (2, 6, 5, 3)]))
+    expected = jax.vjp(vdvae._conv, x, kernel)[1](dy)
+    for rule in (vdvae._forward_conv_grads, vdvae._conv_grads):
+        for x_grad, kernel_grad in ((True, True), (True, False), (False, True)):
+            grads = rule(vdvae._ConvResiduals(x if kernel_grad else None, kernel, x_grad), dy)
+            for got, want, wanted in zip(grads, expected, (x_grad, kernel_grad)):
+                assert (got is not None) == wanted, (rule.__name__, x_grad, kernel_grad)
+                if wanted:
+                    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    for argnums in (0, 1, (0, 1)):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: (vdvae.same_conv(x, k) * dy).sum(), argnums))(x, kernel).jaxpr
+        (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+        for branch in jaxprs_in_params(cond.params):
+            convs = [eqn for eqn in branch.eqns if eqn.primitive.name == "conv_general_dilated"]
+            assert len(convs) == len(np.atleast_1d(argnums)), (argnums, branch)
 
 
 def test_bfloat16_bias_gradients_are_as_close_to_float32_as_the_kernels(reference):

@@ -25,7 +25,6 @@ def converted(tmp_path_factory):
 def test_sr_model_starts_at_the_pretrained_hr_model(converted):
     config = sr_config()
     config.init.hr_checkpoint = str(converted / "hr")
-    config.scan_unroll = 1
     model = model_from_config(config)
     params = trainer.initial_params(config, model)
     hparams, ref = load_reference("vdvae_tiny")

@@ -25,7 +25,6 @@ def tiny_config(steps: int, batch_per_device: int, checkpoint_every: int):
     config.train.update(steps=steps, batch_size_per_device=batch_per_device, log_every=1, steps_per_epoch=1000,
                         sample_every=0, checkpoint_every=checkpoint_every, frozen=("encoder",))
     config.data.eval_images = 4
-    config.scan_unroll = 1
     return config
 
 

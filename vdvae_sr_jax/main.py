@@ -109,7 +109,7 @@ def main(argv) -> None:
         except (FileNotFoundError, ImportError) as error:  # a missing dataset or optional extra: one clear line
             raise SystemExit(str(error)) from None
     else:
-        forward_model = model.clone(scan_unroll=1)  # unrolling only speeds up gradients on CPU
+        forward_model = model.clone(scan_unroll=1)  # evaluation and sampling: the rolled loop compiles fastest
         params = trained_params(config, model, workdir)
         run_mode = {"evaluate": evaluate_model, "sample": sample_model}.get(_MODE.value)
         try:

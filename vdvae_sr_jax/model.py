@@ -13,9 +13,11 @@ import math
 from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 from vdvae_sr_jax import distributions as D
 from vdvae_sr_jax import kernels
@@ -64,6 +66,64 @@ def _add_bias_bwd(bias, dy):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
+def _conv(x, kernel):
+    pad = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def same_conv(x, kernel):
+    """A stride-1 'same' convolution of x [N, H, W, in] by an odd (k, k, in, out) kernel. On the CPU its gradients
+    are forward convolutions of transposed arrays (`_forward_conv_grads`); other platforms differentiate as usual."""
+    return _conv(x, kernel)
+
+
+@flax.struct.dataclass
+class _ConvResiduals:
+    """What `same_conv`'s gradients need: x for the kernel's gradient (None when the kernel is frozen), the kernel,
+    and whether x's gradient is wanted (not an input image's), so that none is computed that autodiff would skip."""
+
+    x: Array | None
+    kernel: Array
+    x_grad: bool = flax.struct.field(pytree_node=False)
+
+
+def _same_conv_fwd(x, kernel):
+    return _conv(x.value, kernel.value), _ConvResiduals(x.value if kernel.perturbed else None, kernel.value,
+                                                        x.perturbed)
+
+
+def _same_conv_bwd(res: _ConvResiduals, dy):
+    if isinstance(dy, SymbolicZero):
+        return None, None
+    return jax.lax.platform_dependent(res, dy, cpu=_forward_conv_grads, default=_conv_grads)
+
+
+def _conv_grads(res: _ConvResiduals, dy):
+    """(dx, dkernel), None where not wanted, as JAX transposes a convolution."""
+    x_like = jax.ShapeDtypeStruct(dy.shape[:-1] + res.kernel.shape[2:3], res.kernel.dtype)
+    dx = jax.linear_transpose(lambda x: _conv(x, res.kernel), x_like)(dy)[0] if res.x_grad else None
+    dkernel = None if res.x is None else jax.linear_transpose(lambda k: _conv(res.x, k), res.kernel)(dy)[0]
+    return dx, dkernel
+
+
+def _forward_conv_grads(res: _ConvResiduals, dy):
+    """`_conv_grads` as NHWC-by-HWIO convolutions, the one form XLA:CPU hands its fast library (YNNPACK) inside a
+    loop: it leaves the usual gradient convolutions of a rolled scan in other forms, which ran 15x slower. dkernel
+    convolves x, batch and channels swapped, by dy as a window the size of the image."""
+    dx = _conv(dy, jnp.flip(res.kernel, (0, 1)).swapaxes(2, 3)) if res.x_grad else None
+    if res.x is None:
+        return dx, None
+    pad = res.kernel.shape[0] // 2
+    dkernel = jax.lax.conv_general_dilated(res.x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
+                                           ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return dx, dkernel.transpose(1, 2, 0, 3)
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd, symbolic_zeros=True)
+
+
 def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 1.0, zero: bool = False,
          dtype=None, dot: bool = False):
     """A stride-1 'same' `Conv` with PyTorch's default weight init times `scale`, and zero bias."""
@@ -92,20 +152,13 @@ class Conv(nn.Module):
     def __call__(self, x):
         kernel, bias = self.weights(x.shape[-1])
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if self.kernel_size == 1:
-            y = pointwise_product(x, kernel, self.dot)
-        else:
-            pad = self.kernel_size // 2
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = pointwise_product(x, kernel, self.dot) if self.kernel_size == 1 else same_conv(x, kernel)
         return add_bias(y, bias)
 
 
 def pointwise_product(x, kernel, dot: bool):
     """x [N, H, W, in] times a (1, 1, in, out) kernel, as a 1x1 conv or (`dot`) a matrix product over channels."""
-    if dot:
-        return jnp.dot(x, kernel[0, 0])
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.dot(x, kernel[0, 0]) if dot else same_conv(x, kernel)
 
 
 def gelu_product(x, weights: tuple, pointwise: str):
@@ -180,8 +233,8 @@ def pad_channels(x, width: int):
 def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1, remat: bool = False):
     """Scans `fn(module, carry, xs, *broadcast)` over `length` blocks with stacked params.
 
-    `unroll` > 1 unrolls that many blocks per loop iteration: XLA:CPU runs conv gradients inside a
-    loop ~10x slower than unrolled, so CPU configs unroll fully; GPUs and TPUs keep the fast compile.
+    `unroll` > 1 unrolls that many blocks per loop iteration: a longer compile, for a faster step on a GPU, where
+    XLA then fuses across blocks.
     With `remat`, each block's activations are recomputed in the backward pass instead of stored; only a rolled
     loop keeps them apart, since XLA merges the recomputation of fully unrolled blocks back into the forward pass.
     """
