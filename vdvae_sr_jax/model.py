@@ -66,8 +66,9 @@ def _add_bias_bwd(bias, dy):
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-def _conv(x, kernel):
-    pad = kernel.shape[0] // 2
+def _conv(x, kernel, pad: int | None = None):
+    """NHWC by HWIO, stride 1, `pad` on every side (default: 'same' for an odd kernel)."""
+    pad = kernel.shape[0] // 2 if pad is None else pad
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -115,9 +116,7 @@ def _forward_conv_grads(res: _ConvResiduals, dy):
     dx = _conv(dy, jnp.flip(res.kernel, (0, 1)).swapaxes(2, 3)) if res.x_grad else None
     if res.x is None:
         return dx, None
-    pad = res.kernel.shape[0] // 2
-    dkernel = jax.lax.conv_general_dilated(res.x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), (1, 1),
-                                           ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dkernel = _conv(res.x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), pad=res.kernel.shape[0] // 2)
     return dx, dkernel.transpose(1, 2, 0, 3)
 
 
