@@ -113,7 +113,7 @@ def _forward_conv_grads(res: _ConvResiduals, dy):
     """`_conv_grads` as NHWC-by-HWIO convolutions, the one form XLA:CPU hands its fast library (YNNPACK) inside a
     loop: it leaves the usual gradient convolutions of a rolled scan in other forms, which ran 15x slower. dkernel
     convolves x, batch and channels swapped, by dy as a window the size of the image. A 1x1 kernel's gradients are
-    matrix products over the pixels, which need neither transpose."""
+    matrix products over the pixels, which YNNPACK runs faster than those convolutions."""
     if res.kernel.shape[0] == 1:
         dx = jnp.dot(dy, res.kernel[0, 0].T) if res.x_grad else None
         pixels = ((0, 1, 2), (0, 1, 2))
