@@ -76,7 +76,8 @@ def _conv(x, kernel, pad: int | None = None):
 @jax.custom_vjp
 def same_conv(x, kernel):
     """A stride-1 'same' convolution of x [N, H, W, in] by an odd (k, k, in, out) kernel. On the CPU its gradients
-    are forward convolutions of transposed arrays (`_forward_conv_grads`); other platforms differentiate as usual."""
+    are forward convolutions of transposed arrays, or matrix products for a 1x1 kernel (`_forward_conv_grads`); other
+    platforms differentiate as usual."""
     return _conv(x, kernel)
 
 
