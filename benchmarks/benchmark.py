@@ -62,6 +62,11 @@ _TARGET_GPU = flags.DEFINE_enum("target_gpu", None, sorted(GPU_TARGETS), "Compil
                                 "JAX's CUDA plugin) and report XLA's GPU memory and kernel roofline, not timings.")
 _FREE_GELU = flags.DEFINE_bool("free_gelu", False, "With --target_gpu: compile every GELU as the identity, so that "
                                "the roofline bounds what fusing the GELUs into the convolutions could give.")
+_ROOFLINE_TFLOPS = flags.DEFINE_float("roofline_tflops", None, "With --target_gpu: price the kernels' FLOPs at this "
+                                      "rate, such as a matrix product's measured rate, instead of the dense peak. "
+                                      "MFU still divides by the peak.")
+_ROOFLINE_TB_S = flags.DEFINE_float("roofline_tb_s", None, "With --target_gpu: price the kernels' bytes at this "
+                                    "bandwidth in TB/s, such as a measured copy's, instead of the datasheet's.")
 MEMORY_FRACTION = 0.75  # of a GPU's memory that JAX's allocator takes by default
 
 UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
@@ -286,10 +291,11 @@ def gpu_target(name: str):
     return topology.devices[0]
 
 
-def target_benchmark(config, batch_size: int, target: str, mode: str = "train") -> dict:
+def target_benchmark(config, batch_size: int, target: str, mode: str = "train", roofline_tflops: float | None = None,
+                     roofline_tb_s: float | None = None) -> dict:
     """One batch size compiled for a GPU that is not here: compile time on this machine, XLA's memory for the
-    program, model FLOPs, and a roofline of its kernels at the GPU's peak and bandwidth; raises DoesNotFit where
-    the memory exceeds the share of the GPU that JAX takes."""
+    program, model FLOPs, and a roofline of its kernels at the GPU's peak and bandwidth (or the rates given); raises
+    DoesNotFit where the memory exceeds the share of the GPU that JAX takes."""
     make_step, make_inputs = PROGRAMS[mode]
     model, device, spec = model_from_config(config), gpu_target(target), GPU_TARGETS[target].read_text()
     shapes = jax.eval_shape(lambda: make_inputs(config, model, batch_size))
@@ -304,7 +310,8 @@ def target_benchmark(config, batch_size: int, target: str, mode: str = "train") 
         raise DoesNotFit(f"batch {batch_size} needs {needed / 2**30:.1f} GiB, the GPU gives {budget / 2**30:.1f}")
     peak = peak_tflops(device.device_kind, config.compute_dtype)
     bandwidth = float(re.search(r"memory_bandwidth: (\d+)", spec).group(1))
-    roofline = hlo_roofline.roofline(compiled.as_text(), peak * 1e12, bandwidth)
+    roofline = hlo_roofline.roofline(compiled.as_text(), (roofline_tflops or peak) * 1e12,
+                                     roofline_tb_s * 1e12 if roofline_tb_s else bandwidth)
     flops = model_flops(config, make_step, args)
     seconds = roofline["kinds"]["total"]["ms"] / 1e3
     return {
@@ -418,6 +425,9 @@ def main(argv) -> None:
     config, target = _CONFIG.value, _TARGET_GPU.value
     if _FREE_GELU.value and not target:
         raise app.UsageError("--free_gelu needs --target_gpu: without its GELUs the step trains another model")
+    for flag in (_ROOFLINE_TFLOPS, _ROOFLINE_TB_S):
+        if flag.value is not None and not target:
+            raise app.UsageError(f"--{flag.name} needs --target_gpu: it prices the roofline of its kernels")
     device = gpu_target(target) if target else jax.devices()[0]
     if _FIND_MAX.value and device.platform == "cpu":
         raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
@@ -428,7 +438,8 @@ def main(argv) -> None:
     measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                       profile_steps=_PROFILE.value)
     if target:
-        measure = partial(target_benchmark, config, target=target, mode=_MODE.value)
+        measure = partial(target_benchmark, config, target=target, mode=_MODE.value,
+                          roofline_tflops=_ROOFLINE_TFLOPS.value, roofline_tb_s=_ROOFLINE_TB_S.value)
     batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)  # the allocator's peak only rises
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,

@@ -2,6 +2,9 @@
 largest batch stops at the first out-of-memory error."""
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +29,8 @@ from benchmarks.benchmark import (
 )
 from vdvae_sr_jax import train
 from vdvae_sr_jax.model import init_params, model_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +181,13 @@ def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
         gpu_target("h100")
     with pytest.raises(app.UsageError, match=message.format("l4")):  # kernel_bench --compile_for=l4
         kernel_bench.compile_for("l4", batch=4)
+
+
+@pytest.mark.parametrize("flag", ["--free_gelu", "--roofline_tflops=790", "--roofline_tb_s=4.3"])
+def test_target_only_flags_without_a_target_are_usage_errors(flag, subprocess_env):
+    result = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--config=configs/demo.py", flag],
+                            cwd=ROOT, capture_output=True, text=True, env=subprocess_env)
+    assert result.returncode == 1 and f"{flag.split('=')[0]}" in result.stderr and "needs --target_gpu" in result.stderr
 
 
 def test_gelu_as_identity_leaves_the_convolutions_and_no_erf(config):
