@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements that the README's speed section quotes, one benchmark per argument, in the order given:
-#   bash benchmarks/gpu.sh kernels sr64_remat sr64_remat_pallas sr64_unrolled sr64_unrolled_pallas sr64_bf16 \
+#   bash benchmarks/gpu.sh kernels sr64_remat sr64_remat_pallas sr64_unrolled sr64_unrolled_pallas \
+#     sr64_unrolled_pallas_128 sr64_bf16 \
 #     sr64_large sr64_dot upscale upscale_pallas sr64_fp32 sr256 sr256_remat imagenet64
 # Each writes NAME.json (kernels: kernels.txt) to $OUT (or benchmarks/results) and prints its table (with the sr64
 # training runs, the device time per kind of op over 3 profiled steps); all output goes to log.txt there too.
@@ -44,6 +45,8 @@ for what in "$@"; do
       --batch_sizes=64 --config.pointwise=pallas --profile_steps=3 ;;
     sr64_unrolled_pallas) bench sr64_unrolled_pallas 450 --config=configs/sr64.py --compute_dtype=bfloat16 \
       --config.scan_unroll=64 --config.pointwise=pallas --batch_sizes=64 --profile_steps=3 ;;
+    sr64_unrolled_pallas_128) bench sr64_unrolled_pallas_128 450 --config=configs/sr64.py --compute_dtype=bfloat16 \
+      --config.scan_unroll=64 --config.pointwise=pallas --batch_sizes=128 --profile_steps=3 ;;  # fits an H200
     sr64_fp32) bench sr64_fp32 120 --config=configs/sr64.py --compute_dtype=float32 --batch_sizes=16 ;;
     upscale) bench upscale 70 --config=configs/sr64.py --mode=upscale --compute_dtype=bfloat16 --batch_sizes=256 ;;
     upscale_pallas) bench upscale_pallas 70 --config=configs/sr64.py --mode=upscale --compute_dtype=bfloat16 \
