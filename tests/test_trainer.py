@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent / "tiny_training.py"
 
@@ -38,13 +39,18 @@ def _wait_for_step(workdir: Path, step: int, process) -> None:
     raise AssertionError(f"training never reached step {step}")
 
 
-def test_four_devices_give_the_same_params_as_one(tmp_path, subprocess_env):
-    one = _start(subprocess_env, tmp_path / "one", 3, 8, devices=1)
-    four = _start(subprocess_env, tmp_path / "four", 3, 2, devices=4)
-    _finish(one)
-    _finish(four)
-    a, b = _final(tmp_path / "one"), _final(tmp_path / "four")
-    assert int(a["devices"]) == 1 and int(b["devices"]) == 4 and int(a["step"]) == int(b["step"]) == 3
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, subprocess_env) -> dict[str, np.ndarray]:
+    """Six steps on one device, checkpointed after each: what four devices and a resumed run must reproduce."""
+    workdir = tmp_path_factory.mktemp("straight")
+    _finish(_start(subprocess_env, workdir, 6, 8, checkpoint_every=1))
+    return _final(workdir)
+
+
+def test_four_devices_give_the_same_params_as_one(tmp_path, subprocess_env, straight):
+    _finish(_start(subprocess_env, tmp_path, 6, 2, devices=4))
+    a, b = straight, _final(tmp_path)
+    assert int(a["devices"]) == 1 and int(b["devices"]) == 4 and int(a["step"]) == int(b["step"]) == 6
     params = [k for k in a if k.startswith(("params/", "ema/"))]
     assert len(params) > 20
     for key in params:
@@ -56,19 +62,17 @@ def test_four_devices_give_the_same_params_as_one(tmp_path, subprocess_env):
     assert gates["0_0"] > 0 and gates["1_1"] > 0 and gates["2_3"] == 0 and gates["4_5"] == 0
 
 
-def test_killed_run_resumes_to_identical_params(tmp_path, subprocess_env):
-    straight = _start(subprocess_env, tmp_path / "straight", 6, 8, checkpoint_every=1)
-    _finish(straight)
-    killed = _start(subprocess_env, tmp_path / "resumed", 6, 8, checkpoint_every=1)
-    _wait_for_step(tmp_path / "resumed", 3, killed)
+def test_killed_run_resumes_to_identical_params(tmp_path, subprocess_env, straight):
+    killed = _start(subprocess_env, tmp_path, 6, 8, checkpoint_every=1)
+    _wait_for_step(tmp_path, 3, killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert not (tmp_path / "resumed" / "final.npz").exists()
-    _finish(_start(subprocess_env, tmp_path / "resumed", 6, 8, checkpoint_every=1))
-    a, b = _final(tmp_path / "straight"), _final(tmp_path / "resumed")
-    assert int(a["step"]) == int(b["step"]) == 6
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not (tmp_path / "final.npz").exists()
+    _finish(_start(subprocess_env, tmp_path, 6, 8, checkpoint_every=1))
+    resumed = _final(tmp_path)
+    assert int(resumed["step"]) == 6
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
 
 
 def test_sigterm_saves_and_stops(tmp_path, subprocess_env):
