@@ -57,10 +57,9 @@ def vdvae_config(
     config.compute_dtype = "float32"
     config.scan_unroll = 1  # blocks unrolled per scan step: a longer compile for a faster step on a GPU
     config.remat = False  # recompute top-down blocks' activations in the backward pass; saves memory with rolled scans
-    # How 1x1 convs run, with the same params: "conv" (cuDNN on a GPU); "dot", as matrix products over channels;
-    # "pallas", each c1 of GELU(x) as one Pallas kernel that applies the GELU as it loads x (CUDA GPUs, bf16 or f16;
-    # other platforms run XLA's ops).
-    config.pointwise = "conv"
+    # The model's blocks: "reference" (as upstream), or an opt-in speed variant with the same params (see
+    # vdvae_sr_jax/variants.py): "pallas", each c1 of GELU(x) as one Pallas kernel on CUDA GPUs (bf16 or f16).
+    config.variant = "reference"
     # Compiled programs persist here, so a rerun, a resume or another mode skips XLA's compile; "" disables it.
     # JAX_COMPILATION_CACHE_DIR, if set, is used instead.
     config.compilation_cache = "~/.cache/vdvae_sr_jax/jax"

@@ -111,7 +111,7 @@ def _params(width: int, stages: int) -> plt.CompilerParams:
 
 
 def _flops(m: int, k: int, ws, products: int = 1) -> dict:
-    """The kernel's FLOPs as Pallas metadata, which `benchmarks/hlo_roofline.py` reads: `products` per weight."""
+    """The kernel's FLOPs as Pallas metadata, for profilers: `products` per weight."""
     return {"flops": str(2 * products * m * k * sum(w.shape[1] for w in ws))}
 
 

@@ -1,189 +1,32 @@
-"""VDVAE in Flax, module for module as the official PyTorch code (openai/vdvae).
+"""VDVAE (Child 2020) and VDVAE-SR in Flax, module for module as the official PyTorch `vae.py`.
 
-Runs of identical blocks are applied with `nn.scan`, so their weights are stacked on a
-leading axis under one name, `enc_blocks_{first}_{last}` or `dec_blocks_{first}_{last}`;
-this keeps the jit of a 75-block decoder to seconds. Arrays are NHWC.
+Runs of identical blocks are applied with `nn.scan`, so their weights are stacked on a leading axis under one
+name, `enc_blocks_{first}_{last}` or `dec_blocks_{first}_{last}`; this keeps the jit of a 75-block decoder to
+seconds. Arrays are NHWC. The layers, and their speed choices, are in `layers.py`; opt-in variants of a block
+with the same params are in `variants.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from typing import Any, ClassVar, Mapping, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_derivatives import SymbolicZero
 
 from vdvae_sr_jax import distributions as D
-from vdvae_sr_jax import kernels
-from vdvae_sr_jax.hparams import (
-    Run,
-    decoder_runs,
-    encoder_runs,
-    parse_layer_string,
-    parse_width_string,
-)
+from vdvae_sr_jax.hparams import Run, decoder_runs, encoder_runs, parse_layer_string, parse_width_string
+from vdvae_sr_jax.layers import gelu, get_1x1, get_3x3
 
 Array = Any
 
 
-@jax.custom_jvp
-def gelu(x):
-    """The exact GELU as the official code computes it, x/2 (1 + erf(x/sqrt 2)), not the tanh approximation."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-@gelu.defjvp
-def _gelu_jvp(primals, tangents):
-    """GELU'(x) = Phi(x) + x phi(x), so that the backward pass keeps one array per GELU: differentiating the formula
-    keeps three, and a rolled scan stacks each of them."""
-    (x,), (t,) = primals, tangents
-    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
-    return x * cdf, (cdf + x * jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))) * t
-
-
-@jax.custom_vjp
-def add_bias(y, bias):
-    """y + bias, in y's dtype. The bias gradient sums over every position in float32: summed in bfloat16, as XLA
-    does for a bfloat16 y, the biases of sr64 at width 64 came out 8.8% off float32 (median), the kernels 0.7%."""
-    return y + bias.astype(y.dtype)
-
-
-def _add_bias_fwd(y, bias):
-    return add_bias(y, bias), bias
-
-
-def _add_bias_bwd(bias, dy):
-    axes = tuple(range(dy.ndim - bias.ndim))
-    return dy, jnp.sum(dy, axes, dtype=jnp.float32).astype(bias.dtype)
-
-
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-def _conv(x, kernel, pad: int | None = None):
-    """NHWC by HWIO, stride 1, `pad` on every side (default: 'same' for an odd kernel)."""
-    pad = kernel.shape[0] // 2 if pad is None else pad
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@jax.custom_vjp
-def same_conv(x, kernel):
-    """A stride-1 'same' convolution of x [N, H, W, in] by an odd (k, k, in, out) kernel. On the CPU its gradients
-    are forward convolutions of transposed arrays, or matrix products for a 1x1 kernel (`_forward_conv_grads`); other
-    platforms differentiate as usual."""
-    return _conv(x, kernel)
-
-
-@flax.struct.dataclass
-class _ConvResiduals:
-    """What `same_conv`'s gradients need: x for the kernel's gradient (None when the kernel is frozen), the kernel,
-    and whether x's gradient is wanted (not an input image's), so that none is computed that autodiff would skip."""
-
-    x: Array | None
-    kernel: Array
-    x_grad: bool = flax.struct.field(pytree_node=False)
-
-
-def _same_conv_fwd(x, kernel):
-    return _conv(x.value, kernel.value), _ConvResiduals(x.value if kernel.perturbed else None, kernel.value,
-                                                        x.perturbed)
-
-
-def _same_conv_bwd(res: _ConvResiduals, dy):
-    if isinstance(dy, SymbolicZero):
-        return None, None
-    return jax.lax.platform_dependent(res, dy, cpu=_forward_conv_grads, default=_conv_grads)
-
-
-def _conv_grads(res: _ConvResiduals, dy):
-    """(dx, dkernel), None where not wanted, as JAX transposes a convolution."""
-    x_like = jax.ShapeDtypeStruct(dy.shape[:-1] + res.kernel.shape[2:3], res.kernel.dtype)
-    dx = jax.linear_transpose(lambda x: _conv(x, res.kernel), x_like)(dy)[0] if res.x_grad else None
-    dkernel = None if res.x is None else jax.linear_transpose(lambda k: _conv(res.x, k), res.kernel)(dy)[0]
-    return dx, dkernel
-
-
-def _forward_conv_grads(res: _ConvResiduals, dy):
-    """`_conv_grads` as NHWC-by-HWIO convolutions, the one form XLA:CPU hands its fast library (YNNPACK) inside a
-    loop: it leaves the usual gradient convolutions of a rolled scan in other forms, which ran 15x slower. dkernel
-    convolves x, batch and channels swapped, by dy as a window the size of the image. A 1x1 kernel's gradients are
-    matrix products over the pixels, which YNNPACK runs faster than those convolutions."""
-    if res.kernel.shape[0] == 1:
-        dx = jnp.dot(dy, res.kernel[0, 0].T) if res.x_grad else None
-        pixels = ((0, 1, 2), (0, 1, 2))
-        return dx, None if res.x is None else jax.lax.dot_general(res.x, dy, (pixels, ((), ())))[None, None]
-    dx = _conv(dy, jnp.flip(res.kernel, (0, 1)).swapaxes(2, 3)) if res.x_grad else None
-    if res.x is None:
-        return dx, None
-    dkernel = _conv(res.x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), pad=res.kernel.shape[0] // 2)
-    return dx, dkernel.transpose(1, 2, 0, 3)
-
-
-same_conv.defvjp(_same_conv_fwd, _same_conv_bwd, symbolic_zeros=True)
-
-
-def conv(features: int, kernel: int, name: str | None = None, *, scale: float = 1.0, zero: bool = False,
-         dtype=None, dot: bool = False):
-    """A stride-1 'same' `Conv` with PyTorch's default weight init times `scale`, and zero bias."""
-    init = nn.initializers.zeros if zero else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform")
-    return Conv(features, kernel, init, dtype, dot, name=name)
-
-
-class Conv(nn.Module):
-    """A stride-1 'same' conv with nn.Conv's params, (k, k, in, out) and (out,). `dtype` casts x and the kernel; the
-    bias joins by `add_bias`, keeping its gradient in float32. With `dot`, a 1x1 conv is a matrix product over
-    channels, which XLA:GPU runs as a Triton or cuBLAS matmul instead of a cuDNN convolution."""
-
-    features: int
-    kernel_size: int
-    kernel_init: Any
-    dtype: Any = None
-    dot: bool = False
-
-    @nn.compact
-    def weights(self, in_features: int):
-        """The (k, k, in_features, out) kernel and (out,) bias, for products made outside (see Block, DecBlock)."""
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features))
-        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
-
-    def __call__(self, x):
-        kernel, bias = self.weights(x.shape[-1])
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = pointwise_product(x, kernel, self.dot) if self.kernel_size == 1 else same_conv(x, kernel)
-        return add_bias(y, bias)
-
-
-def pointwise_product(x, kernel, dot: bool):
-    """x [N, H, W, in] times a (1, 1, in, out) kernel, as a 1x1 conv or (`dot`) a matrix product over channels."""
-    return jnp.dot(x, kernel[0, 0]) if dot else same_conv(x, kernel)
-
-
-def gelu_product(x, weights: tuple, pointwise: str):
-    """(x, (`pointwise_product(gelu(x), kernel)` for each (1, 1, in, out) kernel of `weights`)), GELU(x) read once.
-    With `pointwise="pallas"`, a program compiled for a CUDA GPU runs the products as one Pallas kernel that applies
-    the GELU as it loads x (`kernels.gelu_matmul`, where its tiles fit); other platforms run XLA's ops, one product
-    with the kernels side by side. Use the x returned for x's other uses: the backward kernel then adds their
-    gradient to the products'."""
-    def xla(x, weights):
-        y = pointwise_product(gelu(x), jnp.concatenate(weights, axis=3), pointwise == "dot")
-        return x, tuple(jnp.split(y, np.cumsum(widths)[:-1], axis=-1))
-
-    widths = [kernel.shape[3] for kernel in weights]
-    if pointwise != "pallas" or not kernels.supports(math.prod(x.shape[:-1]), x.shape[-1], widths, x.dtype):
-        return xla(x, weights)
-    return jax.lax.platform_dependent(x, weights, cuda=kernels.gelu_pointwise, default=xla)
-
-
 class Block(nn.Module):
-    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2), c4 (1x1)."""
+    """Bottleneck block: GELU before each of c1 (1x1), c2, c3 (3x3, or 1x1 at res <= 2) and c4 (1x1), an optional
+    residual, an optional average-pool down."""
 
     middle_width: int
     out_width: int
@@ -193,34 +36,24 @@ class Block(nn.Module):
     zero_last: bool = False
     last_scale: float = 1.0
     dtype: Any = None
-    pointwise: str = "conv"
 
     def setup(self):
-        k = 3 if self.use_3x3 else 1
-        opts = dict(dtype=self.dtype, dot=self.pointwise == "dot")
-        self.c1 = conv(self.middle_width, 1, **opts)
-        self.c2 = conv(self.middle_width, k, **opts)
-        self.c3 = conv(self.middle_width, k, **opts)
-        self.c4 = conv(self.out_width, 1, scale=self.last_scale, zero=self.zero_last, **opts)
+        mid_conv = get_3x3 if self.use_3x3 else get_1x1
+        self.c1 = get_1x1(self.middle_width, dtype=self.dtype)
+        self.c2 = mid_conv(self.middle_width, dtype=self.dtype)
+        self.c3 = mid_conv(self.middle_width, dtype=self.dtype)
+        self.c4 = get_1x1(self.out_width, zero_weights=self.zero_last, scale=self.last_scale, dtype=self.dtype)
 
     def __call__(self, x):
-        return self.after_c1(*self.apply_c1(x))
+        xhat = self.c1(gelu(x))
+        return self.finish(x, xhat)
 
-    def apply_c1(self, x):
-        """(x, c1's output); use this x for x's other uses (see gelu_product)."""
-        kernel, bias = self.c1.weights(x.shape[-1])
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        x, (h,) = gelu_product(x, (kernel,), self.pointwise)
-        return x, add_bias(h, bias)
-
-    def c4_input(self, h):
-        """GELU of c3's output, from c1's output h."""
-        return gelu(self.c3(gelu(self.c2(gelu(h)))))
-
-    def after_c1(self, x, h):
-        """The rest of the block, from c1's output h."""
-        h = self.c4(self.c4_input(h))
-        out = x + h if self.residual else h
+    def finish(self, x, xhat):
+        """c2, c3, c4, the residual and the pool, from c1's output `xhat`."""
+        xhat = self.c2(gelu(xhat))
+        xhat = self.c3(gelu(xhat))
+        xhat = self.c4(gelu(xhat))
+        out = x + xhat if self.residual else xhat
         if self.down_rate is not None:
             out = nn.avg_pool(out, (self.down_rate, self.down_rate), (self.down_rate, self.down_rate))
         return out
@@ -235,19 +68,17 @@ def pad_channels(x, width: int):
     return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, width - x.shape[-1])))
 
 
-def _scan(fn, length: int, n_xs_broadcast: int = 0, unroll: int = 1, remat: bool = False):
-    """Scans `fn(module, carry, xs, *broadcast)` over `length` blocks with stacked params.
+def scan_blocks(fn, *, length: int, n_broadcast: int = 0, unroll: int = 1, remat: bool = False):
+    """Scans `fn(block, carry, xs, *broadcast)` over `length` blocks whose params are stacked on axis 0.
 
-    `unroll` > 1 unrolls that many blocks per loop iteration: a longer compile, for a faster step on a GPU, where
-    XLA then fuses across blocks.
-    With `remat`, each block's activations are recomputed in the backward pass instead of stored; only a rolled
-    loop keeps them apart, since XLA merges the recomputation of fully unrolled blocks back into the forward pass.
+    `unroll` > 1 unrolls that many blocks per loop step (a longer compile; XLA can fuse across blocks). With
+    `remat`, each block's activations are recomputed in the backward pass instead of stored.
     """
     return nn.scan(
         nn.remat(fn, prevent_cse=False) if remat else fn,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(0,) + (nn.broadcast,) * n_xs_broadcast,
+        in_axes=(0,) + (nn.broadcast,) * n_broadcast,
         length=length,
         unroll=unroll,
     )
@@ -262,29 +93,29 @@ class Encoder(nn.Module):
     bottleneck_multiple: float = 0.25
     scan_unroll: int = 1
     dtype: Any = None
-    pointwise: str = "conv"
+    block: type[Block] = Block
 
     @nn.compact
     def __call__(self, x) -> dict[int, Array]:
         widths = parse_width_string(self.width, self.custom_width_str)
         blocks = parse_layer_string(self.enc_blocks)
-        x = conv(self.width, 3, "in_conv", dtype=self.dtype)(x)
+        x = get_3x3(self.width, dtype=self.dtype, name="in_conv")(x)
         activations = {x.shape[1]: x}
         for run in encoder_runs(blocks):
             w = widths[run.res]
-            block = Block(
-                int(w * self.bottleneck_multiple),
-                w,
+            block = self.block(
+                middle_width=int(w * self.bottleneck_multiple),
+                out_width=w,
                 down_rate=run.extra,
                 residual=True,
                 use_3x3=run.res > 2,
                 last_scale=math.sqrt(1.0 / len(blocks)),
                 dtype=self.dtype,
-                pointwise=self.pointwise,
                 name=run.name,
             )
             if run.stacked:
-                x, _ = _scan(lambda m, c, _: (m(c), None), run.length, unroll=self.scan_unroll)(block, x, None)
+                scan = scan_blocks(lambda b, x, _: (b(x), None), length=run.length, unroll=self.scan_unroll)
+                x, _ = scan(block, x, None)
             else:
                 x = block(x)
             res = x.shape[1]
@@ -294,10 +125,10 @@ class Encoder(nn.Module):
 
 
 class DecBlock(nn.Module):
-    """Top-down block: posterior `enc`, `prior` (with a state residual), `z_proj`, `resnet`.
+    """Top-down block: posterior `enc`, `prior` (which also emits a residual for the state), `z_proj`, `resnet`.
 
-    With `gated`, the block owns a per-channel `gate` (zero at init) and its input state becomes
-    `state + gate * cond` whenever a conditioning activation `cond` is given (VDVAE-SR).
+    With `gated` (VDVAE-SR), the block owns a per-channel `gate`, zero at init, and its input state becomes
+    `state + gate * cond` where the LR encoder has an activation `cond` at this resolution.
     """
 
     res: int
@@ -307,89 +138,71 @@ class DecBlock(nn.Module):
     n_blocks: int
     gated: bool = False
     dtype: Any = None
-    pointwise: str = "conv"
+    block: type[Block] = Block
 
     def setup(self):
-        mid = int(self.width * self.bottleneck_multiple)
+        cond_width = int(self.width * self.bottleneck_multiple)
+        use_3x3 = self.res > 2
         scale = math.sqrt(1.0 / self.n_blocks)
-        opts = dict(use_3x3=self.res > 2, dtype=self.dtype, pointwise=self.pointwise)
-        self.enc = Block(mid, self.zdim * 2, **opts)
-        self.prior = Block(mid, self.zdim * 2 + self.width, zero_last=True, **opts)
-        self.z_proj = conv(self.width, 1, "z_proj", scale=scale, dtype=self.dtype, dot=self.pointwise == "dot")
-        self.resnet = Block(mid, self.width, residual=True, last_scale=scale, **opts)
+        self.enc = self.block(cond_width, self.zdim * 2, use_3x3=use_3x3, dtype=self.dtype)
+        self.prior = self.block(cond_width, self.zdim * 2 + self.width, use_3x3=use_3x3, zero_last=True,
+                                dtype=self.dtype)
+        self.z_proj = get_1x1(self.width, scale=scale, dtype=self.dtype)
+        self.resnet = self.block(cond_width, self.width, residual=True, use_3x3=use_3x3, last_scale=scale,
+                                 dtype=self.dtype)
         if self.gated:
             self.gate = self.param("gate", nn.initializers.zeros, (1, 1, 1, self.width))
 
-    def _prior_stats(self, g):
-        """Prior mean and log-std (in float32, where the KL and sampling maths run) from `prior.c4`'s input g, by the
-        first 2 zdim outputs of its kernel (`_finish` applies the rest)."""
-        kernel, bias = self.prior.c4.weights(g.shape[-1])
-        g, kernel = nn.dtypes.promote_dtype(g, kernel, dtype=self.dtype)
-        n = 2 * self.zdim
-        stats = pointwise_product(g, kernel[..., :n], self.pointwise == "dot").astype(jnp.float32) + bias[:n]
-        return stats[..., : self.zdim], stats[..., self.zdim :]
+    def prior_feats(self, x):
+        """The prior's mean and log-std (float32, where the KL and sampling maths run) and its state residual."""
+        feats = self.prior(x)
+        pm, pv = jnp.split(feats[..., : 2 * self.zdim].astype(jnp.float32), 2, axis=-1)
+        return pm, pv, feats[..., 2 * self.zdim :]
 
-    def _both_c1(self, x, activated_acts):
-        """(x, then the outputs of enc.c1 and prior.c1), which both read GELU(x): as one product with both kernels,
-        GELU(x) is read once and gets one gradient back. GELU(acts) meets the rest of enc.c1's kernel."""
-        w = x.shape[-1]
-        enc_kernel, enc_bias = self.enc.c1.weights(w + activated_acts.shape[-1])
-        prior_kernel, prior_bias = self.prior.c1.weights(w)
-        x, acts, enc_kernel, prior_kernel = nn.dtypes.promote_dtype(
-            x, activated_acts, enc_kernel, prior_kernel, dtype=self.dtype)
-        x, (enc_h, prior_h) = gelu_product(x, (enc_kernel[:, :, :w], prior_kernel), self.pointwise)
-        enc = enc_h + pointwise_product(acts, enc_kernel[:, :, w:], self.pointwise == "dot")
-        return x, add_bias(enc, enc_bias), add_bias(prior_h, prior_bias)
-
-    def _condition(self, x, cond):
-        return x if cond is None else x + (self.gate * cond).astype(x.dtype)
-
-    def _finish(self, x, g, z, step):
-        """resnet(x + the prior's state residual from `prior.c4`'s input g + z_proj(z)), and z (a given latent where
-        the step has one). Both residuals come from one product over [g, z] with both kernels: XLA fuses one add
-        into a cuDNN convolution, and two products would leave the other add a pass of its own over the state."""
-        z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
-        n = 2 * self.zdim
-        prior_kernel, prior_bias = self.prior.c4.weights(g.shape[-1])
-        z_kernel, z_bias = self.z_proj.weights(self.zdim)
-        x, g, zc, prior_kernel, z_kernel = nn.dtypes.promote_dtype(x, g, z, prior_kernel, z_kernel, dtype=self.dtype)
-        residual = pointwise_product(jnp.concatenate([g, zc], axis=-1),
-                                     jnp.concatenate([prior_kernel[..., n:], z_kernel], axis=2),
-                                     self.pointwise == "dot")
-        return self.resnet(add_bias(x + residual, prior_bias[n:] + z_bias)), z
-
-    def posterior(self, x, step, activated_acts, cond):
-        """One block of the inference pass: z ~ q(z | x, acts), given GELU(acts); returns state, (z, KL summed over
-        H, W, C)."""
-        x = self._condition(x, cond)
-        x, enc_h, prior_h = self._both_c1(x, activated_acts)
-        enc = self.enc.after_c1(x, enc_h).astype(jnp.float32)
-        qm, qv = enc[..., : self.zdim], enc[..., self.zdim :]
-        g = self.prior.c4_input(prior_h)
-        pm, pv = self._prior_stats(g)
-        z = D.gaussian_sample(qm, qv, step["eps"])
+    def sample(self, x, acts, eps):
+        """z ~ q(z | x, acts) given the noise, the state with the prior's residual, and KL(q || p)."""
+        qm, qv = jnp.split(self.enc(jnp.concatenate([x, acts], axis=-1)).astype(jnp.float32), 2, axis=-1)
+        pm, pv, xpp = self.prior_feats(x)
+        x = x + xpp
+        z = D.gaussian_sample(qm, qv, eps)
         kl = D.gaussian_kl(qm, pm, qv, pv)
-        x, z = self._finish(x, g, z, step)
+        return z, x, kl
+
+    def sample_uncond(self, x, eps, t):
+        """z ~ p(z) at temperature t given the noise, and the state with the prior's residual."""
+        pm, pv, xpp = self.prior_feats(x)
+        x = x + xpp
+        z = D.gaussian_sample(pm, D.with_temperature(pv, t), eps)
+        return z, x
+
+    def forward(self, x, step, acts, cond):
+        """One block of the inference pass: (state, (z, KL summed over H, W and C))."""
+        if cond is not None:
+            x = x + (self.gate * cond).astype(x.dtype)
+        z, x, kl = self.sample(x, acts, step["eps"])
+        z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
+        x = x + self.z_proj(z)
+        x = self.resnet(x)
         return x, (z, kl.sum(axis=(1, 2, 3)))
 
-    def generate(self, x, step, cond):
-        """One block of the generative pass: z ~ p(z) at the step's temperature."""
-        x = self._condition(x, cond)
-        x, prior_h = self.prior.apply_c1(x)
-        g = self.prior.c4_input(prior_h)
-        pm, pv = self._prior_stats(g)
-        z = D.gaussian_sample(pm, D.with_temperature(pv, step["t"]), step["eps"])
-        x, z = self._finish(x, g, z, step)
+    def forward_uncond(self, x, step, cond):
+        """One block of the generative pass: (state, z), z drawn from the prior or given by the step."""
+        if cond is not None:
+            x = x + (self.gate * cond).astype(x.dtype)
+        z, x = self.sample_uncond(x, step["eps"], step["t"])
+        z = jnp.where(step["use_latent"], step["latent"].astype(z.dtype), z)
+        x = x + self.z_proj(z)
+        x = self.resnet(x)
         return x, z
 
 
-def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, noise_rng, latents, temperature, dtype,
-                  n_latents=None) -> list[dict]:
-    """Stacks per-layer noise, latents (absent layers masked out) and temperatures for each run; `n_latents`
-    (may be traced) keeps only the first that many of the given latents.
+def layer_inputs(runs: Sequence[Run], *, n: int, zdim: int, eps, noise_rng, latents, temperature, dtype,
+                 n_latents=None) -> list[dict]:
+    """Per run, the stacked per-layer noise `eps`, latents `latent` (with `use_latent`, False where absent) and
+    temperatures `t`. `n_latents` (may be traced) keeps only the first that many of the given latents.
 
-    Without `eps`, all layers' noise comes from one draw of `noise_rng` outside the scans: per-block draws inside
-    them cost XLA:CPU a tenth of the train step's compile time in random-bit kernels."""
+    Without `eps`, every layer's noise comes from one draw of `noise_rng` outside the scans: per-block draws inside
+    them make XLA:CPU compile many random-bit kernels."""
     n_layers = runs[-1].stop
     latents = list(latents or [])
     if len(latents) > n_layers:
@@ -410,17 +223,17 @@ def _layer_inputs(runs: Sequence[Run], n: int, zdim: int, eps, noise_rng, latent
         run_eps = [f.reshape(run.length, n, run.res, run.res, zdim) for run, f in zip(runs, flat)]
     else:
         run_eps = [jnp.stack(eps[run.start : run.stop]) for run in runs]
-    out = []
+    steps = []
     for run, noise in zip(runs, run_eps):
         shape = (n, run.res, run.res, zdim)
         layers = range(run.start, run.stop)
-        out.append({
+        steps.append({
             "latent": jnp.stack([jnp.zeros(shape, dtype) if latents[i] is None else latents[i] for i in layers]),
             "use_latent": use[run.start : run.stop],
             "t": t[run.start : run.stop],
             "eps": noise,
         })
-    return out
+    return steps
 
 
 class DmolNet(nn.Module):
@@ -428,15 +241,18 @@ class DmolNet(nn.Module):
 
     num_mixtures: int
     dtype: Any = None
-    pointwise: str = "conv"
 
     @nn.compact
     def __call__(self, px_z):
-        return conv(self.num_mixtures * 10, 1, "out_conv", dtype=self.dtype, dot=self.pointwise == "dot")(px_z)
+        return get_1x1(self.num_mixtures * 10, dtype=self.dtype, name="out_conv")(px_z)
 
 
 class Decoder(nn.Module):
-    """Top-down decoder: `bias_xs` start states, `dec_blocks`, final `gain`/`bias`, and `out_net`."""
+    """Top-down decoder: `bias_xs` start states, `dec_blocks`, the final `gain` and `bias`, and `out_net`.
+
+    `forward` is the inference pass (from the encoder's activations), `forward_uncond` the generative pass; both
+    take latents to inject and VDVAE-SR's conditioning `cond`, {resolution: LR activation}.
+    """
 
     width: int
     zdim: int
@@ -450,64 +266,82 @@ class Decoder(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
-    pointwise: str = "conv"
+    block: type[Block] = Block
 
-    @nn.compact
-    def __call__(self, activations, n: int, eps=None, latents=None, temperature=None, cond=None, n_latents=None):
-        """Posterior pass when `activations` is given, else generation of `n` images from the prior.
-
-        Returns (px_z, DMoL logits, per-layer z list, per-layer KL [N, n_layers] or None).
-        """
-        widths = parse_width_string(self.width, self.custom_width_str)
+    def setup(self):
         blocks = parse_layer_string(self.dec_blocks)
-        runs = decoder_runs(blocks)
-        dtype = self.dtype or jnp.float32
+        self.runs = decoder_runs(blocks)
         resolutions = sorted({res for res, _ in blocks})
-        xs = {
-            res: jnp.broadcast_to(
-                self.param(f"bias_xs_{j}", nn.initializers.zeros, (1, res, res, widths[res])),
-                (n, res, res, widths[res]),
-            ).astype(dtype)
+        widths = parse_width_string(self.width, self.custom_width_str)
+        self.widths = {res: widths[res] for res in resolutions}
+        self.bias_xs = {
+            res: self.param(f"bias_xs_{j}", nn.initializers.zeros, (1, res, res, self.widths[res]))
             for j, res in enumerate(r for r in resolutions if r <= self.no_bias_above)
         }
-        cond = cond or {}
-        if activations is not None:  # each block's posterior sees GELU(acts): computed once per resolution
-            activations = {res: gelu(a.astype(dtype)) for res, a in activations.items() if res in resolutions}
+        self.blocks = [
+            DecBlock(
+                res=run.res, width=self.widths[run.res], zdim=self.zdim, bottleneck_multiple=self.bottleneck_multiple,
+                n_blocks=len(blocks), gated=self.gated, dtype=self.dtype, block=self.block, name=run.name,
+            )
+            for run in self.runs
+        ]
+        self.gain = self.param("gain", nn.initializers.ones, (1, 1, 1, self.width))
+        self.bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, self.width))
+        self.out_net = DmolNet(self.num_mixtures, dtype=self.dtype)
+
+    def forward(self, activations, *, eps=None, latents=None, cond=None):
+        """Inference pass: (px_z, DMoL logits, per-layer z list, per-layer KL [N, n_layers])."""
+        acts = {res: a.astype(self.dtype or jnp.float32) for res, a in activations.items()}
+        n = next(iter(acts.values())).shape[0]
+        steps = self._steps(n, eps, latents, None, None)
+        body = lambda block, x, step, acts, cond: block.forward(x, step, acts, cond)  # noqa: E731
+        xs, outs = self._top_down(n, body, steps, cond, lambda run: (acts[run.res],))
+        px_z, logits = self._output(xs)
+        zs = [z for run_zs, _ in outs for z in run_zs]
+        return px_z, logits, zs, jnp.concatenate([kl for _, kl in outs], axis=0).T
+
+    def forward_uncond(self, n: int, *, temperature=None, latents=None, eps=None, n_latents=None, cond=None):
+        """Generative pass of `n` images from the prior at a temperature: (px_z, DMoL logits). Of `latents`, the
+        first `n_latents` layers (may be traced) are injected if that is given."""
+        steps = self._steps(n, eps, latents, temperature, n_latents)
+        body = lambda block, x, step, cond: block.forward_uncond(x, step, cond)  # noqa: E731
+        xs, _ = self._top_down(n, body, steps, cond, lambda run: ())
+        return self._output(xs)
+
+    def _steps(self, n, eps, latents, temperature, n_latents):
         noise_rng = self.make_rng("sample") if eps is None else None
-        steps = _layer_inputs(runs, n, self.zdim, eps, noise_rng, latents, temperature, dtype, n_latents)
-        zs, kls = [], []
-        for run, step in zip(runs, steps):
-            w = widths[run.res]
+        return layer_inputs(self.runs, n=n, zdim=self.zdim, eps=eps, noise_rng=noise_rng, latents=latents,
+                            temperature=temperature, dtype=self.dtype or jnp.float32, n_latents=n_latents)
+
+    def _top_down(self, n, body, steps, cond, run_inputs):
+        """Runs the blocks from the start states: ({resolution: state}, each run's stacked outputs)."""
+        dtype = self.dtype or jnp.float32
+        xs = {res: jnp.broadcast_to(b, (n,) + b.shape[1:]).astype(dtype) for res, b in self.bias_xs.items()}
+        cond = cond or {}
+        outs = []
+        for run, block, step in zip(self.runs, self.blocks, steps):
+            w = self.widths[run.res]
             x = xs.get(run.res, jnp.zeros((n, run.res, run.res, w), dtype))
-            if run.extra is not None:
+            if run.extra is not None:  # the mixin: the state upsampled from a lower resolution
                 up = run.res // run.extra
                 x = x + jnp.repeat(jnp.repeat(xs[run.extra][..., :w], up, axis=1), up, axis=2)
-            block = DecBlock(
-                run.res, w, self.zdim, self.bottleneck_multiple, len(blocks), gated=self.gated, dtype=self.dtype,
-                pointwise=self.pointwise, name=run.name,
-            )
             c = cond.get(run.res)
             if c is not None and c.shape[-1] != w:
                 raise ValueError(
                     f"conditioning activation at {run.res}x{run.res} has {c.shape[-1]} channels, the decoder "
                     f"state there has {w}: the LR encoder's widths must match the HR decoder's"
                 )
-            if activations is not None:
-                body = lambda m, x, s, a, c: m.posterior(x, s, a, c)  # noqa: E731
-                scan = _scan(body, run.length, 2, self.scan_unroll, self.remat)
-                x, (z, kl) = scan(block, x, step, activations[run.res], c)
-                kls.append(kl)
-            else:
-                body = lambda m, x, s, c: m.generate(x, s, c)  # noqa: E731
-                x, z = _scan(body, run.length, 1, self.scan_unroll, self.remat)(block, x, step, c)
-            zs += list(z)
+            inputs = run_inputs(run)
+            scan = scan_blocks(body, length=run.length, n_broadcast=len(inputs) + 1, unroll=self.scan_unroll,
+                               remat=self.remat)
+            x, out = scan(block, x, step, *inputs, c)
+            outs.append(out)
             xs[run.res] = x
-        gain = self.param("gain", nn.initializers.ones, (1, 1, 1, self.width))
-        bias = self.param("bias", nn.initializers.zeros, (1, 1, 1, self.width))
-        px_z = xs[self.image_size] * gain + bias
-        logits = DmolNet(self.num_mixtures, self.dtype, self.pointwise, name="out_net")(px_z)
-        kl = jnp.concatenate(kls, axis=0).T if kls else None
-        return px_z, logits, zs, kl
+        return xs, outs
+
+    def _output(self, xs):
+        px_z = xs[self.image_size] * self.gain + self.bias
+        return px_z, self.out_net(px_z)
 
 
 class VDVAE(nn.Module):
@@ -526,18 +360,20 @@ class VDVAE(nn.Module):
     scan_unroll: int = 1
     remat: bool = False
     dtype: Any = None
-    pointwise: str = "conv"
+    block: type[Block] = Block
     gated: ClassVar[bool] = False
 
     def setup(self):
         self.encoder = Encoder(
-            self.width, self.enc_blocks, self.custom_width_str, self.bottleneck_multiple, self.scan_unroll, self.dtype,
-            self.pointwise,
+            width=self.width, enc_blocks=self.enc_blocks, custom_width_str=self.custom_width_str,
+            bottleneck_multiple=self.bottleneck_multiple, scan_unroll=self.scan_unroll, dtype=self.dtype,
+            block=self.block,
         )
         self.decoder = Decoder(
-            self.width, self.zdim, self.dec_blocks, self.image_size, self.num_mixtures, self.custom_width_str,
-            self.bottleneck_multiple, self.no_bias_above, self.gated, self.scan_unroll, self.remat, self.dtype,
-            self.pointwise,
+            width=self.width, zdim=self.zdim, dec_blocks=self.dec_blocks, image_size=self.image_size,
+            num_mixtures=self.num_mixtures, custom_width_str=self.custom_width_str,
+            bottleneck_multiple=self.bottleneck_multiple, no_bias_above=self.no_bias_above, gated=self.gated,
+            scan_unroll=self.scan_unroll, remat=self.remat, dtype=self.dtype, block=self.block,
         )
 
     @property
@@ -549,16 +385,15 @@ class VDVAE(nn.Module):
         return self.encoder(x)
 
     def __call__(self, x, target, eps=None, latents=None):
-        """Posterior pass: ELBO (a loss, nats/dim), distortion and rate [N], per-layer KL [N, L] and z.
+        """Inference pass: ELBO (a loss, nats/dim), distortion and rate [N], per-layer KL [N, L] and z.
 
-        `eps` (one array per layer) replaces the standard-normal noise; `latents` (a list, shorter
-        than the layer count or with None entries to leave layers sampled) replaces z itself.
+        `eps` (one array per layer) replaces the standard-normal noise; `latents` (a list, shorter than the layer
+        count or with None entries to leave layers sampled) replaces z itself.
         """
-        return self._elbo(self.encoder(x), target, eps, latents, cond=None)
+        return self.elbo(self.encoder(x), target, eps=eps, latents=latents, cond=None)
 
-    def _elbo(self, activations, target, eps, latents, cond):
-        n = target.shape[0]
-        px_z, logits, zs, kl = self.decoder(activations, n, eps=eps, latents=latents, cond=cond)
+    def elbo(self, activations, target, *, eps, latents, cond):
+        px_z, logits, zs, kl = self.decoder.forward(activations, eps=eps, latents=latents, cond=cond)
         distortion = D.dmol_nll(target, logits.astype(jnp.float32), self.low_bit)
         rate = kl.sum(axis=1) / np.prod(target.shape[1:])
         return {
@@ -574,9 +409,8 @@ class VDVAE(nn.Module):
     def generate(self, n: int, temperature=None, latents=None, eps=None, n_latents=None):
         """Generative pass from the prior: (px_z, DMoL logits) for `n` images at a temperature; of `latents`,
         only the first `n_latents` layers (may be traced) are used if given."""
-        px_z, logits, _, _ = self.decoder(None, n, eps=eps, latents=latents, temperature=temperature,
-                                          n_latents=n_latents)
-        return px_z, logits
+        return self.decoder.forward_uncond(n, temperature=temperature, latents=latents, eps=eps,
+                                           n_latents=n_latents)
 
     def sample(self, n: int, temperature=None, latents=None, n_latents=None):
         """Images [n, H, W, 3] in [-1, 1] drawn from the prior and the DMoL (needs a 'sample' rng)."""
@@ -599,8 +433,9 @@ class VDVAESR(VDVAE):
         if not (self.lr_image_size and self.lr_enc_blocks and self.lr_width):
             raise ValueError("VDVAESR needs lr_image_size, lr_enc_blocks and lr_width for its LR encoder")
         self.lr_encoder = Encoder(
-            self.lr_width, self.lr_enc_blocks, self.lr_custom_width_str, self.bottleneck_multiple, self.scan_unroll,
-            self.dtype, self.pointwise,
+            width=self.lr_width, enc_blocks=self.lr_enc_blocks, custom_width_str=self.lr_custom_width_str,
+            bottleneck_multiple=self.bottleneck_multiple, scan_unroll=self.scan_unroll, dtype=self.dtype,
+            block=self.block,
         )
 
     def encode_lr(self, x_lr) -> dict[int, Array]:
@@ -608,15 +443,13 @@ class VDVAESR(VDVAE):
         return self.lr_encoder(x_lr)
 
     def __call__(self, x, target, x_lr, eps=None, latents=None):
-        """Conditional posterior pass: the ELBO with KL(q(z | x, y) || p(z | y)), as `VDVAE.__call__`."""
-        return self._elbo(self.encoder(x), target, eps, latents, cond=self.lr_encoder(x_lr))
+        """Conditional inference pass: the ELBO with KL(q(z | x, y) || p(z | y)), as `VDVAE.__call__`."""
+        return self.elbo(self.encoder(x), target, eps=eps, latents=latents, cond=self.lr_encoder(x_lr))
 
     def generate(self, x_lr, temperature=None, latents=None, eps=None):
         """Conditional generation from p(z | y): (px_z, DMoL logits) for each LR image."""
-        cond = self.lr_encoder(x_lr)
-        px_z, logits, _, _ = self.decoder(None, x_lr.shape[0], eps=eps, latents=latents, temperature=temperature,
-                                          cond=cond)
-        return px_z, logits
+        return self.decoder.forward_uncond(x_lr.shape[0], temperature=temperature, latents=latents, eps=eps,
+                                           cond=self.lr_encoder(x_lr))
 
     def sample(self, x_lr, temperature=None, latents=None):
         """SR images [N, H, W, 3] in [-1, 1] drawn from p(z | y) and the DMoL (needs a 'sample' rng)."""
@@ -632,25 +465,19 @@ def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:
     return cls(**{k: v for k, v in hparams.items() if k in names})
 
 
-POINTWISE = ("conv", "dot", "pallas")  # how 1x1 convs run: see configs/common.py
-
-
 def model_from_config(config) -> VDVAE:
-    """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and 1x1 convs."""
-    if config.pointwise not in POINTWISE:
-        raise ValueError(f"config.pointwise is {config.pointwise!r}; it must be one of {', '.join(POINTWISE)}")
-    if config.pointwise == "pallas" and jnp.dtype(config.compute_dtype) not in kernels.DTYPES:
-        logging.warning("config.pointwise='pallas' has kernels for bfloat16 and float16 only; compute_dtype=%s runs "
-                        "XLA's ops", config.compute_dtype)
+    """The VDVAE a config file describes, with its compute dtype, scan unrolling, rematerialisation and variant."""
+    from vdvae_sr_jax import variants  # the variants build on this module's Block
+
     return model_from_hparams(config.model, dtype=jnp.dtype(config.compute_dtype), scan_unroll=config.scan_unroll,
-                              remat=config.remat, pointwise=config.pointwise)
+                              remat=config.remat, block=variants.block_for(config))
 
 
 def init_params(model: VDVAE, rng=None):
     """Freshly initialised params (official init) of a VDVAE; jitted with rolled scans, which give the same params.
 
-    The init draws with the non-partitionable threefry: it runs once and unsharded, and XLA:CPU compiles it 2-4x
-    faster (a tiny VDVAE-SR: 15 s instead of 34 s)."""
+    The init draws with the non-partitionable threefry: it runs once and unsharded, and XLA:CPU compiles it
+    several times faster."""
     rng = jax.random.key(0) if rng is None else rng
     x = jnp.zeros((1, model.image_size, model.image_size, 3))
     inputs = (x, x)

@@ -1,0 +1,152 @@
+"""The layers the model is built of: GELU and a stride-1 'same' convolution with nn.Conv's params.
+
+Each holds one platform-specific speed choice, behind the same maths as the textbook op:
+- `gelu` has a hand-written derivative, so that a backward pass keeps one array per GELU (autodiff of the
+  formula keeps three, and a rolled scan stacks each of them);
+- `add_bias` sums a bias gradient in float32 whatever the compute dtype (bfloat16 sums drift far from float32's);
+- `same_conv` writes its gradients on the CPU as forward convolutions and matrix products, the forms XLA:CPU
+  hands to its fast library inside loops; other platforms differentiate as usual.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+Array = Any
+
+
+@jax.custom_jvp
+def gelu(x):
+    """The exact GELU as the official code computes it, x/2 (1 + erf(x/sqrt 2)), not the tanh approximation."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@gelu.defjvp
+def _gelu_jvp(primals, tangents):
+    """GELU'(x) = Phi(x) + x phi(x)."""
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    return x * cdf, (cdf + x * jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))) * t
+
+
+@jax.custom_vjp
+def add_bias(y, bias):
+    """y + bias in y's dtype, with the bias gradient summed over every position in float32."""
+    return y + bias.astype(y.dtype)
+
+
+def _add_bias_fwd(y, bias):
+    return add_bias(y, bias), bias
+
+
+def _add_bias_bwd(bias, dy):
+    axes = tuple(range(dy.ndim - bias.ndim))
+    return dy, jnp.sum(dy, axes, dtype=jnp.float32).astype(bias.dtype)
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def conv2d(x, kernel, pad: int | None = None):
+    """NHWC by HWIO, stride 1, `pad` on every side (default: 'same' for an odd kernel)."""
+    pad = kernel.shape[0] // 2 if pad is None else pad
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def same_conv(x, kernel):
+    """`conv2d` of x [N, H, W, in] by an odd (k, k, in, out) kernel, with the gradients of `_cpu_conv_grads` on the
+    CPU and autodiff's elsewhere."""
+    return conv2d(x, kernel)
+
+
+@flax.struct.dataclass
+class _ConvResiduals:
+    """What `same_conv`'s gradients need: x for the kernel's gradient (None when the kernel is frozen), the kernel,
+    and whether x's gradient is wanted (not an input image's), so that none is computed that autodiff would skip."""
+
+    x: Array | None
+    kernel: Array
+    x_grad: bool = flax.struct.field(pytree_node=False)
+
+
+def _same_conv_fwd(x, kernel):
+    return conv2d(x.value, kernel.value), _ConvResiduals(x.value if kernel.perturbed else None, kernel.value,
+                                                         x.perturbed)
+
+
+def _same_conv_bwd(res: _ConvResiduals, dy):
+    if isinstance(dy, SymbolicZero):
+        return None, None
+    return jax.lax.platform_dependent(res, dy, cpu=_cpu_conv_grads, default=_conv_grads)
+
+
+def _conv_grads(res: _ConvResiduals, dy):
+    """(dx, dkernel), None where not wanted, as JAX transposes a convolution."""
+    x_like = jax.ShapeDtypeStruct(dy.shape[:-1] + res.kernel.shape[2:3], res.kernel.dtype)
+    dx = jax.linear_transpose(lambda x: conv2d(x, res.kernel), x_like)(dy)[0] if res.x_grad else None
+    dkernel = None if res.x is None else jax.linear_transpose(lambda k: conv2d(res.x, k), res.kernel)(dy)[0]
+    return dx, dkernel
+
+
+def _cpu_conv_grads(res: _ConvResiduals, dy):
+    """`_conv_grads` as NHWC-by-HWIO convolutions (dkernel: x with batch and channels swapped, by dy as an image-sized
+    window), or matrix products over the pixels for a 1x1 kernel: XLA:CPU's own gradient convolutions in a rolled
+    scan take forms its fast library (YNNPACK) does not run."""
+    if res.kernel.shape[0] == 1:
+        dx = jnp.dot(dy, res.kernel[0, 0].T) if res.x_grad else None
+        pixels = ((0, 1, 2), (0, 1, 2))
+        return dx, None if res.x is None else jax.lax.dot_general(res.x, dy, (pixels, ((), ())))[None, None]
+    dx = conv2d(dy, jnp.flip(res.kernel, (0, 1)).swapaxes(2, 3)) if res.x_grad else None
+    if res.x is None:
+        return dx, None
+    dkernel = conv2d(res.x.transpose(3, 1, 2, 0), dy.transpose(1, 2, 0, 3), pad=res.kernel.shape[0] // 2)
+    return dx, dkernel.transpose(1, 2, 0, 3)
+
+
+same_conv.defvjp(_same_conv_fwd, _same_conv_bwd, symbolic_zeros=True)
+
+
+class Conv(nn.Module):
+    """A stride-1 'same' conv with nn.Conv's params, (k, k, in, out) and (out,); `dtype` is the compute dtype."""
+
+    features: int
+    kernel_size: int
+    kernel_init: Any
+    dtype: Any = None
+
+    @nn.compact
+    def weights(self, in_features: int):
+        """The (k, k, in_features, out) kernel and (out,) bias, for a variant that makes the product itself."""
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, in_features, self.features))
+        return kernel, self.param("bias", nn.initializers.zeros, (self.features,))
+
+    def __call__(self, x):
+        kernel, bias = self.weights(x.shape[-1])
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return add_bias(same_conv(x, kernel), bias)
+
+
+def get_conv(out_dim: int, kernel_size: int, *, zero_weights: bool = False, scale: float = 1.0, dtype=None,
+             name: str | None = None) -> Conv:
+    """A conv initialised as PyTorch's default (uniform, fan-in) times `scale`, or zero; zero bias."""
+    init = (nn.initializers.zeros if zero_weights
+            else nn.initializers.variance_scaling(scale**2 / 3.0, "fan_in", "uniform"))
+    return Conv(out_dim, kernel_size, init, dtype=dtype, name=name)
+
+
+def get_3x3(out_dim: int, **kwargs) -> Conv:
+    return get_conv(out_dim, 3, **kwargs)
+
+
+def get_1x1(out_dim: int, **kwargs) -> Conv:
+    return get_conv(out_dim, 1, **kwargs)
