@@ -1,14 +1,12 @@
 """Number-for-number parity with the official PyTorch VDVAE on the reference fixtures."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 from conftest import assert_close, assert_posterior_matches, load_reference, reference_dir
 
-from convert.torch_reader import load_state_dict
-from convert.vdvae import convert_state_dict
-from vdvae_sr_jax.model import VDVAE, gelu, init_params, model_from_hparams
+from vdvae_sr_jax.torch_reader import load_state_dict
+from vdvae_sr_jax.convert import convert_state_dict
+from vdvae_sr_jax.model import VDVAE, init_params, model_from_hparams
 
 
 @pytest.fixture(scope="module", params=["vdvae_tiny", "vdvae_custom"])
@@ -75,23 +73,3 @@ def test_latent_injection_with_a_traced_count_equals_a_shorter_list(case):
         assert_close(first_k(k), shorter, 1e-6, f"k={k}")
     assert_close(first_k(hparams["n_layers"]), ref["prior_px_z"], 1e-4, "all layers")
     assert float(abs(first_k(0) - first_k(2)).max()) > 1e-3
-
-
-def test_gelu_and_its_gradient_match_torch():
-    torch = pytest.importorskip("torch")
-    x = np.linspace(-8, 8, 16001, dtype=np.float32)
-    t = torch.tensor(x, requires_grad=True)
-    torch.nn.functional.gelu(t).sum().backward()
-    value, grad = jax.vmap(jax.value_and_grad(gelu))(jnp.asarray(x))
-    np.testing.assert_allclose(value, torch.nn.functional.gelu(t).detach().numpy(), rtol=0, atol=2e-6)
-    np.testing.assert_allclose(grad, t.grad.numpy(), rtol=0, atol=2e-6)
-    assert np.abs(np.asarray(value) - np.asarray(jax.nn.gelu(x, approximate=True))).max() > 1e-4  # not tanh's
-
-
-def test_gelu_backward_keeps_one_array():
-    """GELU'(x) is kept for the backward pass, not the formula's three intermediates (which a rolled scan stacks)."""
-    x = jnp.linspace(-4, 4, 64).reshape(8, 8)
-    _, backward = jax.vjp(gelu, x)
-    assert [leaf.shape for leaf in jax.tree.leaves(backward) if leaf.ndim] == [x.shape]
-    expected = jax.grad(lambda x: (0.5 * x * (1 + jax.lax.erf(x / np.sqrt(2)))).sum())(x)
-    np.testing.assert_allclose(backward(jnp.ones_like(x))[0], expected, rtol=0, atol=1e-6)
