@@ -11,10 +11,10 @@ import pytest
 from conftest import assert_close, load_reference, reference_dir
 
 from configs.demo_vdvae import get_config
-from convert.torch_reader import UnsafeCheckpointError, load_state_dict
-from convert.vdvae import convert_state_dict, convert_to_orbax, torch_keys
 from vdvae_sr_jax.checkpoint import load_params
+from vdvae_sr_jax.convert import convert_state_dict, convert_to_orbax, torch_keys
 from vdvae_sr_jax.model import init_params, model_from_hparams
+from vdvae_sr_jax.torch_reader import UnsafeCheckpointError, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 

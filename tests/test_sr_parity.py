@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, assert_posterior_matches, load_reference, reference_dir
 
-from convert.vdvae import convert_sr_checkpoints
+from vdvae_sr_jax.convert import convert_sr_checkpoints
 from vdvae_sr_jax.model import VDVAESR, model_from_hparams
 
 

@@ -1,4 +1,4 @@
-"""Tests for convert.torch_reader: exact round trips of torch checkpoints and refusal of unsafe pickles."""
+"""Tests for vdvae_sr_jax.torch_reader: exact round trips of torch checkpoints and refusal of unsafe pickles."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from convert.torch_reader import UnsafeCheckpointError, load_state_dict
+from vdvae_sr_jax.torch_reader import UnsafeCheckpointError, load_state_dict
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 

@@ -7,8 +7,8 @@ from conftest import assert_close, load_reference, reference_dir
 
 from configs.demo import get_config as sr_config
 from configs.demo_vdvae import get_config as vdvae_config
-from convert.vdvae import convert_to_orbax
 from vdvae_sr_jax import train, trainer
+from vdvae_sr_jax.convert import convert_to_orbax
 from vdvae_sr_jax.model import model_from_config
 
 

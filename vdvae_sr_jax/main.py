@@ -10,10 +10,13 @@
 
 Rerunning `train` with the same workdir resumes from its latest checkpoint. `evaluate`, `sample` and
 `upscale` use the newest checkpoint in the workdir, else `config.checkpoint` (a converted model).
+A `--config=configs/<name>.py` that the working directory lacks is the installed project's config of that name,
+so these commands also run from other directories after `pip install`. `--log_orbax` shows orbax's INFO logs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -24,7 +27,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdvae_sr_jax import checkpoint, data, evaluate, sr_eval, trainer, upscale
+from vdvae_sr_jax import checkpoint, cli, data, evaluate, sr_eval, trainer, upscale
 from vdvae_sr_jax.model import VDVAESR, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file in configs/.")
@@ -37,10 +40,14 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.ini
 
 def use_compilation_cache(path: str) -> None:
     """Keeps compiled programs in `path` across runs (the least recently used go beyond 4 GiB), unless
-    JAX_COMPILATION_CACHE_DIR names another place."""
+    JAX_COMPILATION_CACHE_DIR names another place. JAX needs `filelock` for the size limit and, lacking it,
+    turns the whole cache off with no more than a log line: without it the cache here just has no limit."""
     if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)
+        if importlib.util.find_spec("filelock") is not None:
+            jax.config.update("jax_compilation_cache_max_size", 4 * 2**30)
+        else:
+            logging.warning("filelock is not installed: the compilation cache in %s grows without a limit", path)
 
 
 def trained_params(config, model, workdir: Path):
@@ -97,6 +104,7 @@ def upscale_images(config, model, params) -> dict:
 
 def main(argv) -> None:
     del argv
+    cli.quiet_orbax()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
@@ -120,10 +128,9 @@ def main(argv) -> None:
         except (FileNotFoundError, ImportError) as error:  # a missing file, folder or extra: one clear line
             raise SystemExit(str(error)) from None
     (workdir / f"{_MODE.value}_result.json").write_text(json.dumps(result, indent=1))
-    logging.info("%s", result)
     print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import linalg
 
-from convert.torch_reader import load_state_dict
+from vdvae_sr_jax.torch_reader import load_state_dict
 
 HIGHEST = jax.lax.Precision.HIGHEST
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"

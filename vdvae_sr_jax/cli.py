@@ -1,0 +1,57 @@
+"""What the command lines share: config paths that work from any directory, and a console without orbax's logs."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from absl import app, flags
+
+_LOG_ORBAX = flags.DEFINE_bool("log_orbax", False, "Show orbax's INFO logs (about 45 lines per checkpoint save).")
+
+
+def shipped_config(value: str) -> str:
+    """`value` (a `--config` path, optionally `:args`) as given if it exists; else, for `configs/<name>.py`, that
+    file of the installed `configs` package, so the documented `--config=configs/sr64.py` works from any directory."""
+    path, colon, args = value.partition(":")
+    parts = Path(path).parts
+    if os.path.exists(path) or len(parts) < 2 or parts[0] != "configs":
+        return value
+    spec = importlib.util.find_spec("configs")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        if Path(root, *parts[1:]).is_file():
+            return str(Path(root, *parts[1:])) + colon + args
+    return value
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing (for `app.run(..., flags_parser=parse_flags)`), with `--config` resolved by `shipped_config`."""
+    resolved, after_config = [], False
+    for i, arg in enumerate(argv):
+        if i > 0 and after_config:
+            arg = shipped_config(arg)
+        elif i > 0 and arg.startswith("--config="):
+            arg = "--config=" + shipped_config(arg.removeprefix("--config="))
+        after_config = i > 0 and arg == "--config"
+        resolved.append(arg)
+    return app.parse_flags_with_usage(resolved)
+
+
+class _HideOrbaxInfo(logging.Filter):
+    """Drops orbax's records below WARNING. Orbax logs through absl's logger, so its records are told apart by the
+    file that made them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax() -> None:
+    """Keeps orbax's INFO logs (each checkpoint save and restore) off the console unless `--log_orbax` is given.
+    Call it after flag parsing."""
+    absl_logger = logging.getLogger("absl")
+    for old in [f for f in absl_logger.filters if isinstance(f, _HideOrbaxInfo)]:
+        absl_logger.removeFilter(old)
+    if not _LOG_ORBAX.value:
+        absl_logger.addFilter(_HideOrbaxInfo())
