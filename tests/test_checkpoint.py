@@ -29,3 +29,12 @@ def test_a_state_restores_as_saved_and_a_misfit_names_the_checkpoint(tmp_path):
         ckpts.restore_latest(_state(5))
     assert ckpts.manager.latest_step() == 7  # nothing deleted
     ckpts.close()
+
+
+def test_the_latest_and_the_best_by_validation_elbo_are_kept(tmp_path):
+    """keep=2: the two newest steps, and the one with the lowest validation ELBO (a loss) even when older."""
+    ckpts = TrainCheckpoints(tmp_path / "ckpts", keep=2)
+    for step, val_elbo in [(1, 5.0), (2, 3.0), (3, None), (4, 4.0), (5, None), (6, 4.5)]:
+        ckpts.save(step, _state(2).replace(step=jnp.int32(step)), val_elbo)
+    ckpts.close()
+    assert TrainCheckpoints(tmp_path / "ckpts", keep=2).manager.all_steps() == [2, 5, 6]

@@ -2,6 +2,8 @@
 unconditional VDVAE's train / evaluate / sample modes."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +18,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sr_demo_trains_and_writes_outputs(tmp_path, subprocess_env):
-    subprocess.run(
+    # From another directory, as after `pip install`: configs/demo.py is the installed configs package's.
+    env = dict(subprocess_env, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    run = subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.steps=20", "--config.train.log_every=5", "--config.train.steps_per_epoch=10",
          "--config.train.sample_every=20", "--config.data.eval_images=4"],
-        cwd=ROOT, check=True, capture_output=True, env=subprocess_env,
+        cwd=tmp_path, check=True, capture_output=True, text=True, env=env,
     )
+    # The console: the progress bar with the ELBO, no INFO lines from orbax's saves, the result once (on stdout).
+    assert "elbo=" in run.stderr and not re.search(r"I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", run.stderr)  # absl's INFO
+    assert json.loads(run.stdout) == json.loads((tmp_path / "train_result.json").read_text())
+    assert "first_logged_elbo" not in run.stderr
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if "loss" in r]
     assert [r["step"] for r in train_records] == [5, 10, 15, 20]
