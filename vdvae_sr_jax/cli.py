@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 _LOG_ORBAX = flags.DEFINE_bool("log_orbax", False, "Show orbax's INFO logs (about 45 lines per checkpoint save).")
 
@@ -40,8 +41,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class _HideOrbaxInfo(logging.Filter):
-    """Drops orbax's records below WARNING. Orbax logs through absl's logger, so its records are told apart by the
-    file that made them."""
+    """Drops orbax's records below WARNING. Orbax logs through absl's logger and, in some releases, Python's root
+    logger, so its records are told apart by the file that made them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
@@ -49,9 +50,9 @@ class _HideOrbaxInfo(logging.Filter):
 
 def quiet_orbax() -> None:
     """Keeps orbax's INFO logs (each checkpoint save and restore) off the console unless `--log_orbax` is given.
-    Call it after flag parsing."""
-    absl_logger = logging.getLogger("absl")
-    for old in [f for f in absl_logger.filters if isinstance(f, _HideOrbaxInfo)]:
-        absl_logger.removeFilter(old)
+    Call it after flag parsing. The filter sits on absl's handler, which every logger's records reach."""
+    handler = absl_logging.get_absl_handler()
+    for old in [f for f in handler.filters if isinstance(f, _HideOrbaxInfo)]:
+        handler.removeFilter(old)
     if not _LOG_ORBAX.value:
-        absl_logger.addFilter(_HideOrbaxInfo())
+        handler.addFilter(_HideOrbaxInfo())
