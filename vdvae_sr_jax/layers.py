@@ -103,8 +103,12 @@ def _cpu_conv_grads(res: _ConvResiduals, dy):
     scan take forms its fast library (YNNPACK) does not run."""
     if res.kernel.shape[0] == 1:
         dx = jnp.dot(dy, res.kernel[0, 0].T) if res.x_grad else None
+        if res.x is None:
+            return dx, None
         pixels = ((0, 1, 2), (0, 1, 2))
-        return dx, None if res.x is None else jax.lax.dot_general(res.x, dy, (pixels, ((), ())))[None, None]
+        if res.x.shape[-1] <= dy.shape[-1]:
+            return dx, jax.lax.dot_general(res.x, dy, (pixels, ((), ())))[None, None]
+        return dx, jax.lax.dot_general(dy, res.x, (pixels, ((), ()))).T[None, None]
     dx = conv2d(dy, jnp.flip(res.kernel, (0, 1)).swapaxes(2, 3)) if res.x_grad else None
     if res.x is None:
         return dx, None
