@@ -1,36 +1,26 @@
 """Speed of a config's training step or SR tile sampling at several batch sizes, as JSON and a Markdown table.
 
 For each batch: compile time, median device-synchronised step time after warm-up, images/s, peak device
-memory, model FLOPs per step (the convolutions and matrix products in the step's jaxpr, each scan body counted
-once per iteration, recomputation left out), achieved TFLOP/s and the fraction of the device's peak (MFU).
+memory, XLA's temporary memory, model FLOPs per step (the convolutions and matrix products in the step's jaxpr,
+each scan body counted once per iteration, recomputation left out), achieved TFLOP/s and the fraction of the
+device's peak (MFU); with --profile_steps, the device time per kind of op from a JAX profiler trace.
 
     python -m benchmarks.benchmark --config=configs/sr64.py --batch_sizes=1,2 --steps=5
     python -m benchmarks.benchmark --config=configs/sr64.py --mode=upscale --batch_sizes=16,64 --compute_dtype=bfloat16
+    python -m benchmarks.benchmark --config=configs/sr64.py --compute_dtype=bfloat16 --config.variant=pallas \
+        --batch_sizes=64 --profile_steps=3
     python -m benchmarks.benchmark --config=configs/sr256.py --remat --find_max_batch --output=sr256.json
-
-With --target_gpu, the program is compiled for that GPU on this machine, without the GPU (XLA's deviceless
-compile, through JAX's CUDA plugin): XLA's GPU memory for each batch, the largest batch that fits, and a roofline
-of the GPU kernels XLA chose (benchmarks/hlo_roofline.py) instead of timings.
-
-    python -m benchmarks.benchmark --config=configs/sr64.py --target_gpu=h100 --compute_dtype=bfloat16 --remat \
-        --batch_sizes=64
-
---free_gelu compiles that program with every GELU as the identity, which bounds what fusing GELUs into the
-convolutions could give.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +29,8 @@ from absl import app, flags, logging
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from ml_collections import config_flags
 
-from benchmarks import hlo_roofline, op_profile
+from benchmarks import op_profile
 from vdvae_sr_jax import data, evaluate, train
-from vdvae_sr_jax import model as model_lib
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A VDVAE or VDVAE-SR config file.")
@@ -57,17 +46,6 @@ _FIND_MAX = flags.DEFINE_bool("find_max_batch", False, "Double the largest batch
 _PROFILE = flags.DEFINE_integer("profile_steps", 0, "After timing, trace this many steps with the JAX profiler and "
                                 "report the device time per kind of op and of the costliest ops.")
 _OUTPUT = flags.DEFINE_string("output", "", "Where to write the JSON report.")
-GPU_TARGETS = {path.stem: path for path in (Path(__file__).parent / "gpu_targets").glob("*.txtpb")}
-_TARGET_GPU = flags.DEFINE_enum("target_gpu", None, sorted(GPU_TARGETS), "Compile for this GPU without it (needs "
-                                "JAX's CUDA plugin) and report XLA's GPU memory and kernel roofline, not timings.")
-_FREE_GELU = flags.DEFINE_bool("free_gelu", False, "With --target_gpu: compile every GELU as the identity, so that "
-                               "the roofline bounds what fusing the GELUs into the convolutions could give.")
-_ROOFLINE_TFLOPS = flags.DEFINE_float("roofline_tflops", None, "With --target_gpu: price the kernels' FLOPs at this "
-                                      "rate, such as a matrix product's measured rate, instead of the dense peak. "
-                                      "MFU still divides by the peak.")
-_ROOFLINE_TB_S = flags.DEFINE_float("roofline_tb_s", None, "With --target_gpu: price the kernels' bytes at this "
-                                    "bandwidth in TB/s, such as a measured copy's, instead of the datasheet's.")
-MEMORY_FRACTION = 0.75  # of a GPU's memory that JAX's allocator takes by default
 
 UPSCALE_SIZE = 512  # upscaling throughput is reported in LR images of UPSCALE_SIZE^2 pixels
 
@@ -158,10 +136,10 @@ def jaxpr_flops(jaxpr) -> int:
 
 def model_flops(config, make_step, args) -> int:
     """FLOPs of one step of the config's program, without rematerialisation (recomputed activations are not model
-    FLOPs) and with 1x1 convs as convolutions (Pallas kernels hide theirs in kernel bodies)."""
+    FLOPs) and with the reference blocks (Pallas kernels hide their products in kernel bodies)."""
     config = config.copy_and_resolve_references()
     config.remat = False
-    config.pointwise = "conv"
+    config.variant = "reference"
     return jaxpr_flops(jax.make_jaxpr(make_step(config, model_from_config(config)))(*args).jaxpr)
 
 
@@ -185,8 +163,6 @@ def train_inputs(config, model, batch_size: int) -> tuple:
 
 def upscale_step(config, model):
     """Jitted SR sampling of a batch of LR tiles."""
-    if not isinstance(model, VDVAESR):
-        raise ValueError("--mode=upscale needs a VDVAE-SR config")
     return jax.jit(partial(evaluate.sr_sample, model))
 
 
@@ -268,61 +244,6 @@ def benchmark(config, batch_size: int, mode: str = "train", steps: int = 10, war
     return record
 
 
-def gelu_as_identity():
-    """A context in which the model's GELUs are the identity (`--free_gelu`): the same convolutions, no GELU
-    kernels, so a roofline of its program bounds what fusing GELUs into convolutions could give."""
-    return mock.patch.object(model_lib, "gelu", lambda x: x)
-
-
-class DoesNotFit(Exception):
-    """A batch whose program needs more memory than the target GPU gives JAX."""
-
-
-def gpu_target(name: str):
-    """A compile-only JAX device for the named GPU of `GPU_TARGETS`."""
-    from jax.experimental import topologies
-
-    try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=GPU_TARGETS[name].read_text(),
-                                                topology="1x1x1")
-    except Exception as error:  # noqa: BLE001 (a missing plugin fails in several ways, each of them final)
-        raise app.UsageError(f"compiling for the {name} without it needs JAX's CUDA plugin (pip install "
-                             f"'jax[cuda12]'), which could not make a topology for it: {error}") from error
-    return topology.devices[0]
-
-
-def target_benchmark(config, batch_size: int, target: str, mode: str = "train", roofline_tflops: float | None = None,
-                     roofline_tb_s: float | None = None) -> dict:
-    """One batch size compiled for a GPU that is not here: compile time on this machine, XLA's memory for the
-    program, model FLOPs, and a roofline of its kernels at the GPU's peak and bandwidth (or the rates given); raises
-    DoesNotFit where the memory exceeds the share of the GPU that JAX takes."""
-    make_step, make_inputs = PROGRAMS[mode]
-    model, device, spec = model_from_config(config), gpu_target(target), GPU_TARGETS[target].read_text()
-    shapes = jax.eval_shape(lambda: make_inputs(config, model, batch_size))
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
-    compiled, lower_s, compile_s, cpu_s = compile_program(make_step(config, model), args)
-    memory = compiled.memory_analysis()
-    needed = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-              + memory.temp_size_in_bytes)
-    budget = MEMORY_FRACTION * int(re.search(r"device_memory_size: (\d+)", spec).group(1))
-    if needed > budget:
-        raise DoesNotFit(f"batch {batch_size} needs {needed / 2**30:.1f} GiB, the GPU gives {budget / 2**30:.1f}")
-    peak = peak_tflops(device.device_kind, config.compute_dtype)
-    bandwidth = float(re.search(r"memory_bandwidth: (\d+)", spec).group(1))
-    roofline = hlo_roofline.roofline(compiled.as_text(), (roofline_tflops or peak) * 1e12,
-                                     roofline_tb_s * 1e12 if roofline_tb_s else bandwidth)
-    flops = model_flops(config, make_step, args)
-    seconds = roofline["kinds"]["total"]["ms"] / 1e3
-    return {
-        **compile_record(batch_size, (lower_s, compile_s, cpu_s), memory, flops),
-        "xla_memory_bytes": needed,
-        "roofline": roofline,
-        "roofline_step_s": seconds,
-        "roofline_mfu": flops / seconds / (peak * 1e12),
-    }
-
-
 def throughput(record: dict, times: list[float], config, mode: str) -> dict:
     """Step time statistics, images/s (and LR pixels/s when upscaling), peak memory, TFLOP/s and MFU."""
     median = statistics.median(times)
@@ -345,12 +266,10 @@ def throughput(record: dict, times: list[float], config, mode: str) -> dict:
     return out
 
 
-def is_out_of_memory(error: Exception) -> bool:
-    """Whether an error is XLA running out of device memory, or a program too large for the target GPU. A kernel
-    that asks for more shared memory than an SM has is also RESOURCE_EXHAUSTED, but no batch size would fit it."""
-    return isinstance(error, DoesNotFit) or (isinstance(error, jax.errors.JaxRuntimeError)
-                                             and "RESOURCE_EXHAUSTED" in str(error)
-                                             and "Shared memory" not in str(error))
+def is_out_of_memory(error: jax.errors.JaxRuntimeError) -> bool:
+    """Whether an error is XLA running out of device memory. A kernel that asks for more shared memory than an SM
+    has is also RESOURCE_EXHAUSTED, but no batch size would fit it."""
+    return "RESOURCE_EXHAUSTED" in str(error) and "Shared memory" not in str(error)
 
 
 def measure_or_out_of_memory(measure, batch_size: int) -> dict:
@@ -358,7 +277,7 @@ def measure_or_out_of_memory(measure, batch_size: int) -> dict:
     does not lose the others' measurements."""
     try:
         return measure(batch_size)
-    except (jax.errors.JaxRuntimeError, DoesNotFit) as error:
+    except jax.errors.JaxRuntimeError as error:
         if not is_out_of_memory(error):
             raise
         logging.warning("batch %d: out of device memory: %s", batch_size, error)
@@ -372,7 +291,7 @@ def largest_batch(measure, fits: int) -> tuple[int, list[dict]]:
     while True:
         try:
             records.append(measure(2 * fits))
-        except (jax.errors.JaxRuntimeError, DoesNotFit) as error:
+        except jax.errors.JaxRuntimeError as error:
             if not is_out_of_memory(error):
                 raise
             return fits, records
@@ -388,74 +307,56 @@ def _cell(value, scale: float = 1.0) -> str:
 
 
 def markdown(report: dict) -> str:
-    """The report's measurements as a Markdown table, one row per batch size, then each profiled batch's profile
-    (or, for a target GPU, each batch's roofline per kind of kernel)."""
-    upscale, target = report["mode"] == "upscale", report.get("target_gpu")
-    head = ["batch", "compile (s)"]
-    head += ["XLA memory (GiB)", "roofline step (ms)", "roofline MFU"] if target else ["step (ms)", "images/s"]
-    head += ["LR Mpixel/s", f"{UPSCALE_SIZE}² LR images/s"] if upscale and not target else []
-    head += ["XLA temp (GiB)", "GFLOP/step"] if target else [
-        "peak memory (GiB)", "XLA temp (GiB)", "GFLOP/step", "TFLOP/s", "MFU"]
+    """The report's measurements as a Markdown table, one row per batch size, then each profiled batch's profile."""
+    upscale = report["mode"] == "upscale"
+    head = ["batch", "compile (s)", "step (ms)", "images/s"]
+    head += ["LR Mpixel/s", f"{UPSCALE_SIZE}² LR images/s"] if upscale else []
+    head += ["peak memory (GiB)", "XLA temp (GiB)", "GFLOP/step", "TFLOP/s", "MFU"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["results"]:
         if r.get("out_of_memory"):
             rows.append(f"| {r['batch_size']} | out of memory |" + " |" * (len(head) - 2))
             continue
-        cells = [str(r["batch_size"]), _cell(r["compile_time_s"])]
-        if target:
-            cells += [_cell(r["xla_memory_bytes"], 2**-30), _cell(r["roofline_step_s"], 1e3), _cell(r["roofline_mfu"]),
-                      _cell(r["xla_temp_bytes"], 2**-30), _cell(r["flops_per_step"], 1e-9)]
-        else:
-            cells += [_cell(r.get("step_s_median"), 1e3), _cell(r.get("images_per_s"))]
-            if upscale:
-                cells += [_cell(r.get("lr_pixels_per_s"), 1e-6), _cell(r.get("images_512_per_s"))]
-            cells += [_cell(r.get("peak_memory_bytes"), 2**-30), _cell(r["xla_temp_bytes"], 2**-30),
-                      _cell(r["flops_per_step"], 1e-9), _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
+        cells = [str(r["batch_size"]), _cell(r["compile_time_s"]), _cell(r.get("step_s_median"), 1e3),
+                 _cell(r.get("images_per_s"))]
+        if upscale:
+            cells += [_cell(r.get("lr_pixels_per_s"), 1e-6), _cell(r.get("images_512_per_s"))]
+        cells += [_cell(r.get("peak_memory_bytes"), 2**-30), _cell(r["xla_temp_bytes"], 2**-30),
+                  _cell(r["flops_per_step"], 1e-9), _cell(r.get("tflops_per_s")), _cell(r.get("mfu"))]
         rows.append("| " + " | ".join(cells) + " |")
     rows += [f"\nbatch {r['batch_size']}: {op_profile.markdown(r['profile'])}" for r in report["results"]
              if "profile" in r]
-    rows += [f"\nbatch {r['batch_size']}, {hlo_roofline.markdown(r['roofline'])}" for r in report["results"]
-             if "roofline" in r]
     return "\n".join(rows)
 
 
 def main(argv) -> None:
     del argv
     jax.config.update("jax_enable_compilation_cache", False)  # a cached executable would hide the compile time
-    config, target = _CONFIG.value, _TARGET_GPU.value
-    if _FREE_GELU.value and not target:
-        raise app.UsageError("--free_gelu needs --target_gpu: without its GELUs the step trains another model")
-    for flag in (_ROOFLINE_TFLOPS, _ROOFLINE_TB_S):
-        if flag.value is not None and not target:
-            raise app.UsageError(f"--{flag.name} needs --target_gpu: it prices the roofline of its kernels")
-    device = gpu_target(target) if target else jax.devices()[0]
+    config, device = _CONFIG.value, jax.devices()[0]
     if _FIND_MAX.value and device.platform == "cpu":
         raise app.UsageError("--find_max_batch needs a GPU or TPU: on CPU the OS, not XLA, runs out of memory")
+    if _MODE.value == "upscale" and not isinstance(model_from_config(config), VDVAESR):
+        raise app.UsageError("--mode=upscale needs a VDVAE-SR config")
     if _REMAT.value is not None:
         config.remat = _REMAT.value
     if _DTYPE.value is not None:
         config.compute_dtype = _DTYPE.value
     measure = partial(benchmark, config, mode=_MODE.value, steps=_STEPS.value, warmup=_WARMUP.value,
                       profile_steps=_PROFILE.value)
-    if target:
-        measure = partial(target_benchmark, config, target=target, mode=_MODE.value,
-                          roofline_tflops=_ROOFLINE_TFLOPS.value, roofline_tb_s=_ROOFLINE_TB_S.value)
     batch_sizes = sorted(int(b) for b in _BATCH_SIZES.value)  # the allocator's peak only rises
     report = {
         "config": config_flags.get_config_filename(flags.FLAGS["config"]), "mode": _MODE.value,
-        "device": device.device_kind, "platform": device.platform, "target_gpu": target,
-        "compute_dtype": config.compute_dtype,
-        "remat": config.remat, "scan_unroll": config.scan_unroll, "pointwise": config.pointwise,
-        "free_gelu": _FREE_GELU.value, "steps": _STEPS.value, "warmup": _WARMUP.value,
+        "device": device.device_kind, "platform": device.platform, "compute_dtype": config.compute_dtype,
+        "remat": config.remat, "scan_unroll": config.scan_unroll, "variant": config.variant,
+        "steps": _STEPS.value, "warmup": _WARMUP.value,
     }
-    with gelu_as_identity() if _FREE_GELU.value else nullcontext():
-        report["results"] = [measure_or_out_of_memory(measure, b) for b in batch_sizes]
-        if _FIND_MAX.value:
-            fitted = [r["batch_size"] for r in report["results"] if not r.get("out_of_memory")]
-            if not fitted:
-                raise app.UsageError(f"none of --batch_sizes={_BATCH_SIZES.value} fits on the device")
-            report["max_batch_size"], more = largest_batch(measure, fitted[-1])
-            report["results"] += more
+    report["results"] = [measure_or_out_of_memory(measure, b) for b in batch_sizes]
+    if _FIND_MAX.value:
+        fitted = [r["batch_size"] for r in report["results"] if not r.get("out_of_memory")]
+        if not fitted:
+            raise app.UsageError(f"none of --batch_sizes={_BATCH_SIZES.value} fits on the device")
+        report["max_batch_size"], more = largest_batch(measure, fitted[-1])
+        report["results"] += more
     if _OUTPUT.value:
         Path(_OUTPUT.value).write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))

@@ -1,12 +1,9 @@
-"""The Pallas GELU-matmul kernels (`vdvae_sr_jax.kernels`) against XLA's GELU and 1x1 convolution, on sr64's c1
+"""The Pallas GELU-matmul kernels (`vdvae_sr_jax.kernels`) against XLA's GELU and matrix product, on sr64's c1
 shapes: each side's largest error in the products and the gradients, against XLA in float32, and the device time of
 each side's forward and backward pass. Needs a CUDA GPU; `--interpret` runs the kernels through Pallas's interpreter
-instead (any device, for checking the numbers only). `--compile_for` compiles them for GPUs that are not here
-(`benchmarks/gpu_targets`; needs JAX's CUDA plugin) and says whether each fits, since a kernel that asks for more
-shared memory than a GPU has fails in its compile.
+instead (any device, for checking the numbers only).
 
     python -m benchmarks.kernel_bench --batch=64
-    python -m benchmarks.kernel_bench --compile_for=h100,a100,l4
 """
 
 from __future__ import annotations
@@ -18,19 +15,27 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
-from benchmarks import benchmark
 from vdvae_sr_jax import kernels
-from vdvae_sr_jax.model import gelu_product
+from vdvae_sr_jax.layers import gelu
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per batch.")
 _RUNS = flags.DEFINE_integer("runs", 20, "Timed runs of each program; their median is reported.")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "Run the kernels through Pallas's interpreter (no GPU needed).")
-_COMPILE_FOR = flags.DEFINE_list("compile_for", [], "Only compile the kernels for these GPU targets, without them.")
-# (resolution, input channels, output widths) of sr64's c1 products: enc.c1 and prior.c1 together, resnet.c1.
 LABELS = ("y", "dx", "dw")  # the products, the gradient of x, the weights' gradients
-SHAPES = ((64, 512, (128, 128)), (64, 512, (128,)), (32, 512, (128, 128)), (32, 512, (128,)))
+# (resolution, input channels, output widths) of sr64's c1 products at its two largest resolutions: enc.c1 of the
+# state and the activations side by side, then prior.c1 and resnet.c1 (and the encoder's blocks) of the state.
+SHAPES = ((64, 1024, (128,)), (64, 512, (128,)), (32, 1024, (128,)), (32, 512, (128,)))
+
+
+def xla_gelu_pointwise(x, ws, precision=None):
+    """What `kernels.gelu_pointwise` computes, in XLA's ops: (x, the 1x1 convs of GELU(x) by each (1, 1, k, n)
+    weight), as one product of GELU(x) with the weights side by side."""
+    k = x.shape[-1]
+    y = jnp.dot(gelu(x), jnp.concatenate([w.reshape(k, -1) for w in ws], axis=-1), precision=precision)
+    return x, tuple(jnp.split(y, np.cumsum([w.shape[-1] for w in ws])[:-1], axis=-1))
 
 
 def programs(fn):
@@ -66,42 +71,19 @@ def compare(batch: int, res: int, k: int, widths: tuple, runs: int, interpret: b
     dys = tuple(jax.random.normal(next(keys), (batch, res, res, n)).astype(jnp.bfloat16) for n in widths)
     record = {"batch": batch, "resolution": res, "in_channels": k, "outputs": "+".join(map(str, widths))}
     outputs = {}
-    # XLA's GELU then a 1x1 convolution, as the model runs without the kernels; then the kernels.
-    for name, fn in (("xla", partial(gelu_product, pointwise="conv")),
+    for name, fn in (("xla", xla_gelu_pointwise),
                      ("pallas", partial(kernels.gelu_pointwise, interpret=interpret))):
         forward, both = programs(fn)
         outputs[name] = both(x, ws, dx_rest, dys)
         record[f"{name}_forward_ms"] = 1e3 * median_seconds(forward, (x, ws), runs)
         record[f"{name}_forward_backward_ms"] = 1e3 * median_seconds(both, (x, ws, dx_rest, dys), runs)
-    exact = programs(partial(gelu_product, pointwise="conv"))[1](
+    exact = programs(partial(xla_gelu_pointwise, precision=jax.lax.Precision.HIGHEST))[1](
         *jax.tree.map(lambda a: a.astype(jnp.float32), (x, ws, dx_rest, dys)))
     for name in ("xla", "pallas"):
         for label, got, want in zip(LABELS, outputs[name], exact):
             record[f"{name}_{label}_error"] = max(float(jnp.abs(g.astype(jnp.float32) - w).max() / jnp.abs(w).max())
                                                   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
     return record
-
-
-def compile_for(target: str, batch: int) -> list[dict]:
-    """The forward and backward pass of the kernels at each of SHAPES compiled for the named GPU target: whether it
-    compiles, and XLA's error where it does not."""
-    sharding = jax.sharding.SingleDeviceSharding(benchmark.gpu_target(target))
-
-    def spec(*shape):
-        return jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
-
-    records = []
-    for res, k, widths in SHAPES:
-        x = spec(batch, res, res, k)
-        args = (x, tuple(spec(1, 1, k, n) for n in widths), x, tuple(spec(batch, res, res, n) for n in widths))
-        record = {"target": target, "batch": batch, "resolution": res, "in_channels": k,
-                  "outputs": "+".join(map(str, widths)), "compiles": True}
-        try:
-            programs(kernels.gelu_pointwise)[1].lower(*args).compile()
-        except jax.errors.JaxRuntimeError as error:
-            record.update(compiles=False, error=str(error).splitlines()[0])
-        records.append(record)
-    return records
 
 
 def markdown(records: list[dict]) -> str:
@@ -118,12 +100,6 @@ def markdown(records: list[dict]) -> str:
 
 def main(argv) -> None:
     del argv
-    if _COMPILE_FOR.value:
-        records = [r for target in _COMPILE_FOR.value for r in compile_for(target, _BATCH.value)]
-        print(json.dumps(records, indent=1))
-        if not all(r["compiles"] for r in records):
-            raise SystemExit("some kernels do not compile for their GPU")
-        return
     if not _INTERPRET.value and jax.default_backend() != "gpu":
         raise app.UsageError(f"the kernels need a CUDA GPU, and JAX runs on {jax.default_backend()}: "
                              "pass --interpret to check their numbers here")

@@ -1,6 +1,6 @@
 """Trains the demo VDVAE-SR to overfit a few embedded photos, then compares its Y-PSNR with bicubic's.
 
-    python benchmarks/overfit_psnr.py --workdir=runs/overfit --steps=1500 --images=4 --temperature=0.1
+    python -m benchmarks.overfit_psnr --workdir=runs/overfit --steps=1500 --images=4 --temperature=0.1
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The speed benchmark on a tiny VDVAE-SR: its report's numbers agree with each other, and the search for the
-largest batch stops at the first out-of-memory error."""
+"""The speed benchmark on a tiny VDVAE-SR: its report's numbers agree with each other, its command line writes the
+JSON and the table, and the search for the largest batch stops at the first out-of-memory error."""
 
-import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,16 +9,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
-from absl import app
 from tiny_training import tiny_config
 
-from benchmarks import kernel_bench
 from benchmarks.benchmark import (
-    GPU_TARGETS,
-    DoesNotFit,
     benchmark,
-    gelu_as_identity,
-    gpu_target,
     jaxpr_flops,
     largest_batch,
     markdown,
@@ -26,11 +20,23 @@ from benchmarks.benchmark import (
     peak_tflops,
     train_inputs,
     train_step,
+    upscale_inputs,
+    upscale_step,
 )
+from configs import demo
 from vdvae_sr_jax import train
 from vdvae_sr_jax.model import init_params, model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# tiny_config's model, as overrides of configs/demo.py on the command line
+TINY_MODEL = {"width": 16, "zdim": 2, "image_size": 16, "lr_image_size": 4, "lr_width": 16,
+              "enc_blocks": "16x1,16d2,8x1,8d2,4x1,4d4,1x1", "dec_blocks": "1x1,4m1,8m4,8x1,16m8,16x1",
+              "lr_enc_blocks": "4x1,4d4,1x1"}
+
+
+def _run(*flags, env):
+    return subprocess.run([sys.executable, "-m", "benchmarks.benchmark", *flags], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +76,6 @@ def test_training_report(config):
     assert markdown({"mode": "train", "results": [compile_only]}).count("n/a") == 5  # what --steps=0 leaves out
 
 
-def test_upscale_report(config):
-    record = benchmark(config, batch_size=3, mode="upscale", steps=2, warmup=1)
-    lr_pixels = 3 * config.model.lr_image_size**2
-    assert record["lr_pixels_per_s"] == pytest.approx(lr_pixels / record["step_s_median"])
-    assert record["images_512_per_s"] == pytest.approx(record["lr_pixels_per_s"] / 512**2)
-    assert record["flops_per_step"] > 0 and record["donated_bytes"] == 0
-    assert "512² LR images/s" in markdown({"mode": "upscale", "results": [record]})
-
-
 def test_peak_table_matches_device_kinds():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe", "bfloat16") == 756.0
@@ -90,14 +87,10 @@ def test_peak_table_matches_device_kinds():
     assert peak_tflops("cpu", "float32") is None
 
 
-@pytest.mark.parametrize("too_large", [
-    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes"),
-    DoesNotFit("batch 24 needs 70.0 GiB, the GPU gives 59.3"),  # --target_gpu: XLA's memory against the GPU's
-])
-def test_largest_batch_doubles_until_out_of_memory(too_large):
+def test_largest_batch_doubles_until_out_of_memory():
     def measure(batch):
         if batch > 12:
-            raise too_large
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes")
         return {"batch_size": batch}
 
     def broken(batch):
@@ -129,20 +122,6 @@ def test_a_batch_out_of_memory_is_recorded_and_the_rest_kept():
             measure_or_out_of_memory(broken, 1)
 
 
-def test_a_target_gpu_report_tabulates_memory_and_roofline():
-    record = {"batch_size": 64, "compile_time_s": 50.0, "xla_memory_bytes": 12 * 2**30, "roofline_step_s": 0.2,
-              "roofline_mfu": 0.25, "xla_temp_bytes": 11 * 2**30, "flops_per_step": 4.9e13,
-              "roofline": {"peak_tflops": 989.4, "bandwidth_tb_s": 3.35, "launch_us": 2.0, "kinds": {
-                  "total": {"launches": 10, "gbytes": 600.0, "tflops": 63.0, "ms": 200.0, "memory_ms": 179.0}}}}
-    table = markdown({"mode": "train", "target_gpu": "h100", "results": [
-        record, measure_or_out_of_memory(lambda b: (_ for _ in ()).throw(DoesNotFit("too large")), 128)]})
-    lines = table.splitlines()
-    assert lines[0].startswith("| batch | compile (s) | XLA memory (GiB) | roofline step (ms) | roofline MFU |")
-    assert lines[2] == "| 64 | 50 | 12 | 200 | 0.25 | 11 | 49000 |"
-    assert lines[3].startswith("| 128 | out of memory |") and lines[3].count("|") == lines[0].count("|")
-    assert "| total | 10 | 600.0 | 63.00 | 200.0 | 179.0 |" in table
-
-
 def test_jaxpr_flops_match_xla_on_the_unrolled_program():
     """Convolutions (padded, strided, dilated, grouped) and matrix products with their gradients, in a 3-step scan:
     the jaxpr count equals XLA's cost analysis of the loop unrolled, and is 3x its count of the rolled loop."""
@@ -171,36 +150,35 @@ def test_jaxpr_flops_match_xla_on_the_unrolled_program():
     assert jaxpr_flops(jax.make_jaxpr(odd)(x, w).jaxpr) == odd.lower(x, w).cost_analysis()["flops"] == 5040
 
 
-def test_a_target_gpu_without_the_cuda_plugin_is_a_usage_error():
-    """--target_gpu, and kernel_bench's --compile_for."""
-    assert {"a100", "h100", "h200", "l4"} <= set(GPU_TARGETS)
-    if any(importlib.util.find_spec(f"jax_cuda{v}_plugin") for v in (12, 13)):
-        pytest.skip("JAX's CUDA plugin is installed here: the target compiles")
-    message = r"compiling for the {} without it needs JAX's CUDA plugin \(pip install 'jax\[cuda12\]'\)"
-    with pytest.raises(app.UsageError, match=message.format("h100")):
-        gpu_target("h100")
-    with pytest.raises(app.UsageError, match=message.format("l4")):  # kernel_bench --compile_for=l4
-        kernel_bench.compile_for("l4", batch=4)
-
-
-@pytest.mark.parametrize("flag", ["--free_gelu", "--roofline_tflops=790", "--roofline_tb_s=4.3"])
-def test_target_only_flags_without_a_target_are_usage_errors(flag, subprocess_env):
-    result = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--config=configs/demo.py", flag],
-                            cwd=ROOT, capture_output=True, text=True, env=subprocess_env)
-    assert result.returncode == 1 and flag.split("=")[0] in result.stderr and "needs --target_gpu" in result.stderr
-
-
-def test_gelu_as_identity_leaves_the_convolutions_and_no_erf(config):
-    """--free_gelu's program: every GELU (and its gradient) gone, the model FLOPs the same."""
+def test_the_upscale_command_line_writes_the_report_and_the_table(tmp_path, subprocess_env):
+    """Upscaling with the Pallas variant, which on the CPU runs XLA's ops: the JSON names the variant, its FLOPs are
+    the reference's counted in-process, its throughput follows from the step time, and the table is printed."""
+    output = tmp_path / "report.json"
+    result = _run("--config=configs/demo.py", *(f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()),
+                  "--mode=upscale", "--config.variant=pallas", "--batch_sizes=3", "--steps=2", "--warmup=1",
+                  f"--output={output}", env=subprocess_env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert {k: report[k] for k in ("config", "mode", "platform", "compute_dtype", "variant", "steps")} == {
+        "config": "configs/demo.py", "mode": "upscale", "platform": "cpu", "compute_dtype": "float32",
+        "variant": "pallas", "steps": 2}
+    (record,) = report["results"]
+    assert record["batch_size"] == 3 and record["compile_time_s"] > 0 and record["donated_bytes"] == 0
+    assert record["lr_pixels_per_s"] == pytest.approx(3 * 4**2 / record["step_s_median"])
+    assert record["images_512_per_s"] == pytest.approx(record["lr_pixels_per_s"] / 512**2)
+    config = demo.get_config()
+    config.model.update(TINY_MODEL)
     model = model_from_config(config)
-    args = jax.eval_shape(lambda: train_inputs(config, model, 2))
+    args = jax.eval_shape(lambda: upscale_inputs(config, model, 3))
+    assert record["flops_per_step"] == jaxpr_flops(jax.make_jaxpr(upscale_step(config, model))(*args).jaxpr) > 0
+    table = markdown(report)
+    assert "512² LR images/s" in table.splitlines()[0] and result.stdout.rstrip().endswith(table)
 
-    def erfs_and_flops():
-        jaxpr = jax.make_jaxpr(train_step(config, model_from_config(config)))(*args).jaxpr
-        return str(jaxpr).count(" erf "), jaxpr_flops(jaxpr)
 
-    erfs, flops = erfs_and_flops()
-    with gelu_as_identity():
-        free_erfs, free_flops = erfs_and_flops()
-    assert erfs >= 20 and free_erfs == 0 and free_flops == flops > 0
-    assert erfs_and_flops() == (erfs, flops)  # and only inside the context
+@pytest.mark.parametrize("flags, message", [
+    (["--find_max_batch"], "--find_max_batch needs a GPU or TPU"),
+    (["--mode=upscale", "--config=configs/demo_vdvae.py"], "--mode=upscale needs a VDVAE-SR config"),
+])
+def test_usage_errors(flags, message, subprocess_env):
+    result = _run("--config=configs/demo.py", *flags, env=subprocess_env)
+    assert result.returncode == 1 and message in result.stderr
