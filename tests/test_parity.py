@@ -4,9 +4,9 @@ import jax
 import pytest
 from conftest import assert_close, assert_posterior_matches, load_reference, reference_dir
 
-from vdvae_sr_jax.torch_reader import load_state_dict
 from vdvae_sr_jax.convert import convert_state_dict
 from vdvae_sr_jax.model import VDVAE, init_params, model_from_hparams
+from vdvae_sr_jax.torch_reader import load_state_dict
 
 
 @pytest.fixture(scope="module", params=["vdvae_tiny", "vdvae_custom"])
