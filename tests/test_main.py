@@ -18,15 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_sr_demo_trains_and_writes_outputs(tmp_path, subprocess_env):
-    # From another directory, as after `pip install`: configs/demo.py is the installed configs package's.
+    # From another directory, as after `pip install`: configs/demo.py is the installed configs package's. Without
+    # JAX_PLATFORMS, as a user runs it: JAX probes for a TPU and logs that it found none.
     env = dict(subprocess_env, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("JAX_PLATFORMS")
     run = subprocess.run(
         [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path}",
          "--config.train.steps=20", "--config.train.log_every=5", "--config.train.steps_per_epoch=10",
          "--config.train.sample_every=20", "--config.data.eval_images=4"],
         cwd=tmp_path, check=True, capture_output=True, text=True, env=env,
     )
-    # The console: the progress bar with the ELBO, no INFO lines from orbax's saves, the result once (on stdout).
+    # The console: the progress bar with the ELBO, no INFO lines from JAX or orbax's saves, the result once (stdout).
     assert "elbo=" in run.stderr and not re.search(r"I\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", run.stderr)  # absl's INFO
     assert json.loads(run.stdout) == json.loads((tmp_path / "train_result.json").read_text())
     assert "first_logged_elbo" not in run.stderr

@@ -1,4 +1,5 @@
-"""What the command lines share: config paths that work from any directory, and a console without orbax's logs."""
+"""What the command lines share: config paths that work from any directory, and a console without the INFO logs of
+JAX and orbax."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 from absl import app, flags
 from absl import logging as absl_logging
 
-_LOG_ORBAX = flags.DEFINE_bool("log_orbax", False, "Show orbax's INFO logs (about 45 lines per checkpoint save).")
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show the INFO logs of JAX (backend probing) and orbax "
+                                  "(about 45 lines per checkpoint save).")
 
 
 def shipped_config(value: str) -> str:
@@ -40,19 +42,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     return app.parse_flags_with_usage(resolved)
 
 
-class _HideOrbaxInfo(logging.Filter):
-    """Drops orbax's records below WARNING. Orbax logs through absl's logger and, in some releases, Python's root
-    logger, so its records are told apart by the file that made them."""
+class _HideLibraryInfo(logging.Filter):
+    """Drops JAX's and orbax's records below WARNING. Orbax logs through absl's logger and, in some releases, Python's
+    root logger, so records are told apart by the file that made them."""
+
+    LIBRARIES = (f"{os.sep}jax{os.sep}", f"{os.sep}orbax{os.sep}")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+        return record.levelno >= logging.WARNING or not any(lib in record.pathname for lib in self.LIBRARIES)
 
 
-def quiet_orbax() -> None:
-    """Keeps orbax's INFO logs (each checkpoint save and restore) off the console unless `--log_orbax` is given.
-    Call it after flag parsing. The filter sits on absl's handler, which every logger's records reach."""
+def quiet_libraries() -> None:
+    """Keeps JAX's and orbax's INFO logs (backend probing; each checkpoint save and restore) off the console unless
+    `--library_logs` is given. Call it after flag parsing. The filter sits on absl's handler, which every logger's
+    records reach."""
     handler = absl_logging.get_absl_handler()
-    for old in [f for f in handler.filters if isinstance(f, _HideOrbaxInfo)]:
+    for old in [f for f in handler.filters if isinstance(f, _HideLibraryInfo)]:
         handler.removeFilter(old)
-    if not _LOG_ORBAX.value:
-        handler.addFilter(_HideOrbaxInfo())
+    if not _LIBRARY_LOGS.value:
+        handler.addFilter(_HideLibraryInfo())

@@ -129,7 +129,7 @@ def convert_to_orbax(config, source: str, output: str, encoder_only: bool = Fals
 
 def _main(argv) -> None:
     del argv
-    cli.quiet_orbax()
+    cli.quiet_libraries()
     flag = flags.FLAGS
     path = convert_to_orbax(flag.config, flag.input, flag.output, flag.encoder_only)
     n = sum(x.size for x in jax.tree_util.tree_leaves(load_params(path)[0]))

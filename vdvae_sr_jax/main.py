@@ -11,7 +11,8 @@
 Rerunning `train` with the same workdir resumes from its latest checkpoint. `evaluate`, `sample` and
 `upscale` use the newest checkpoint in the workdir, else `config.checkpoint` (a converted model).
 A `--config=configs/<name>.py` that the working directory lacks is the installed project's config of that name,
-so these commands also run from other directories after `pip install`. `--log_orbax` shows orbax's INFO logs.
+so these commands also run from other directories after `pip install`. `--library_logs` shows JAX's and orbax's
+INFO logs.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def upscale_images(config, model, params) -> dict:
 
 def main(argv) -> None:
     del argv
-    cli.quiet_orbax()
+    cli.quiet_libraries()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
