@@ -49,12 +49,24 @@ def test_same_conv_gradients_are_autodiffs_on_every_platform(size):
                     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     for argnums in (0, 1, (0, 1)):
         jaxpr = jax.make_jaxpr(jax.grad(lambda x, k: (layers.same_conv(x, k) * dy).sum(), argnums))(x, kernel).jaxpr
-        (cond,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
-        for branch in jaxprs_in_params(cond.params):
+        conds = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "cond"]
+        assert len(conds) == (2 if size == 1 else 1)  # a 1x1 kernel's forward is platform-dependent too
+        for branch in jaxprs_in_params(conds[-1].params):
             products = [eqn for eqn in branch.eqns if eqn.primitive.name in ("conv_general_dilated", "dot_general")]
             assert len(products) == len(np.atleast_1d(argnums)), (argnums, branch)
 
 
+
+
+def test_a_1x1_kernel_is_a_matrix_product_on_the_cpu_and_a_convolution_elsewhere():
+    keys = jax.random.split(jax.random.key(0), 2)
+    x, kernel = jax.random.normal(keys[0], (2, 6, 5, 64)), jax.random.normal(keys[1], (1, 1, 64, 48))
+    np.testing.assert_allclose(layers.pointwise_product(x, kernel), layers.conv2d(x, kernel), rtol=1e-5, atol=1e-5)
+    (cond,) = [eqn for eqn in jax.make_jaxpr(layers._forward)(x, kernel).jaxpr.eqns if eqn.primitive.name == "cond"]
+    ops = [{eqn.primitive.name for eqn in branch.eqns} & {"dot_general", "conv_general_dilated"}
+           for branch in jaxprs_in_params(cond.params)]
+    assert sorted(ops, key=str) == [{"conv_general_dilated"}, {"dot_general"}]
+    assert str(jax.jit(layers.same_conv).lower(x, kernel).as_text()).count("stablehlo.dot_general") == 1
 
 
 def test_gelu_and_its_gradient_match_torch():

@@ -5,7 +5,8 @@ Each holds one platform-specific speed choice, behind the same maths as the text
   formula keeps three, and a rolled scan stacks each of them);
 - `add_bias` sums a bias gradient in float32 whatever the compute dtype (bfloat16 sums drift far from float32's);
 - `same_conv` writes its gradients on the CPU as forward convolutions and matrix products, the forms XLA:CPU
-  hands to its fast library inside loops; other platforms differentiate as usual.
+  hands to its fast library inside loops, and a 1x1 kernel's forward as a matrix product, which XLA:CPU runs faster
+  than the convolution; other platforms convolve and differentiate as usual.
 """
 
 from __future__ import annotations
@@ -61,11 +62,23 @@ def conv2d(x, kernel, pad: int | None = None):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def pointwise_product(x, kernel):
+    """`conv2d` of x by a 1x1 kernel, as a matrix product over the channels."""
+    return jnp.dot(x, kernel[0, 0])
+
+
+def _forward(x, kernel):
+    """`conv2d`, a 1x1 kernel's as `pointwise_product` on the CPU."""
+    if kernel.shape[0] != 1:
+        return conv2d(x, kernel)
+    return jax.lax.platform_dependent(x, kernel, cpu=pointwise_product, default=conv2d)
+
+
 @jax.custom_vjp
 def same_conv(x, kernel):
-    """`conv2d` of x [N, H, W, in] by an odd (k, k, in, out) kernel, with the gradients of `_cpu_conv_grads` on the
-    CPU and autodiff's elsewhere."""
-    return conv2d(x, kernel)
+    """`conv2d` of x [N, H, W, in] by an odd (k, k, in, out) kernel: on the CPU a 1x1 kernel's is a matrix product
+    and the gradients are `_cpu_conv_grads`; elsewhere the convolution and autodiff's gradients."""
+    return _forward(x, kernel)
 
 
 @flax.struct.dataclass
@@ -79,8 +92,8 @@ class _ConvResiduals:
 
 
 def _same_conv_fwd(x, kernel):
-    return conv2d(x.value, kernel.value), _ConvResiduals(x.value if kernel.perturbed else None, kernel.value,
-                                                         x.perturbed)
+    return _forward(x.value, kernel.value), _ConvResiduals(x.value if kernel.perturbed else None, kernel.value,
+                                                           x.perturbed)
 
 
 def _same_conv_bwd(res: _ConvResiduals, dy):
@@ -102,7 +115,7 @@ def _cpu_conv_grads(res: _ConvResiduals, dy):
     window), or matrix products over the pixels for a 1x1 kernel: XLA:CPU's own gradient convolutions in a rolled
     scan take forms its fast library (YNNPACK) does not run."""
     if res.kernel.shape[0] == 1:
-        dx = jnp.dot(dy, res.kernel[0, 0].T) if res.x_grad else None
+        dx = pointwise_product(dy, res.kernel.swapaxes(2, 3)) if res.x_grad else None
         if res.x is None:
             return dx, None
         pixels = ((0, 1, 2), (0, 1, 2))
