@@ -50,9 +50,20 @@ def test_folder_skips_and_reports_bad_files(tmp_path, caplog):
         images = data.folder_images(tmp_path, min_size=32)
     assert [p.split("/")[-1] for p, _ in images] == ["good.png", "grey.jpg"]
     assert images[1][1].shape == rgb.shape
-    assert "corrupt.png (unreadable" in caplog.text and "tiny.png (smaller than 32 pixels)" in caplog.text
+    assert "cannot read image " + str(tmp_path / "sub" / "corrupt.png") in caplog.text
+    assert "tiny.png (smaller than 32 pixels)" in caplog.text
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.folder_images(tmp_path / "nowhere")
+
+
+def test_folder_reads_16_bit_grey_as_its_values_not_white(tmp_path):
+    deep = np.arange(64 * 48, dtype=np.uint16).reshape(64, 48) * 21  # 0 .. 64491
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I;16")
+    ((_, image),) = data.folder_images(tmp_path)
+    expected = np.floor(deep / 257 + 0.5).astype(np.uint8)
+    assert image.shape == (64, 48, 3) and all(np.array_equal(image[:, :, c], expected) for c in range(3))
 
 
 def test_center_crop_and_random_crops_are_deterministic():

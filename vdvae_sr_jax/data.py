@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+from vdvae_sr_jax import image_io
+
 # Real photographs that ship inside scikit-image, so demos and tests need no download.
 EMBEDDED_PHOTOS = (
     "astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg",
@@ -31,9 +32,10 @@ def normalize(x_uint8: np.ndarray, data, low_bit: bool = False) -> tuple[np.ndar
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An RGB uint8 array [H, W, 3] from any image file PIL reads, EXIF orientation applied."""
-    with Image.open(path) as im:
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    """An RGB uint8 array [H, W, 3] from any image file PIL reads, as the upscaler reads it (`image_io.load_image`:
+    EXIF orientation applied, 16-bit values scaled by 1/257, alpha dropped); `image_io.UnreadableImage` names a bad
+    file."""
+    return image_io.load_image(path).rgb
 
 
 def embedded_photos() -> list[tuple[str, np.ndarray]]:
@@ -50,11 +52,11 @@ def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.n
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     images, skipped = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in image_io.IMAGE_SUFFIXES):
         try:
             image = read_image(path)
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
-            skipped.append(f"{path} (unreadable: {error})")
+        except image_io.UnreadableImage as error:
+            skipped.append(str(error))
             continue
         if min(image.shape[:2]) < min_size:
             skipped.append(f"{path} (smaller than {min_size} pixels)")

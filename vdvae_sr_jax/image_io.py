@@ -1,4 +1,5 @@
-"""Files in and out of the upscale tool: which inputs a spec names, reading any image mode, writing PNGs safely."""
+"""Image files in and out: which inputs a spec names, reading any image mode (for training, evaluation and the
+upscale tool alike), writing PNGs safely."""
 
 from __future__ import annotations
 
@@ -12,8 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from vdvae_sr_jax.data import IMAGE_SUFFIXES
-
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 GLOB_CHARS = frozenset("*?[")
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 # What PIL raises on missing, truncated, corrupt or absurdly large files.
