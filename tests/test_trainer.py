@@ -29,6 +29,21 @@ def _final(workdir) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
+def test_metrics_jsonl_writes_non_finite_values_as_null(tmp_path):
+    from vdvae_sr_jax.trainer import _Reporter
+
+    reporter = _Reporter(tmp_path)
+    reporter.write(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-4, "skipped_total": 1})
+    reporter.close()
+
+    def strict(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(line, parse_constant=strict) == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-4,
+                                                       "skipped_total": 1}
+
+
 def _wait_for_step(workdir: Path, step: int, process) -> None:
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 600

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import time
 from functools import partial
@@ -85,7 +86,10 @@ class _Reporter:
         self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, step: int, record: dict) -> None:
-        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        """One JSONL line, where a non-finite value is null (JSON has no NaN or infinity), and the TensorBoard
+        scalars."""
+        line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.jsonl.write(json.dumps({"step": step, **line}, allow_nan=False) + "\n")
         self.jsonl.flush()
         for key, value in record.items():
             self.tb.add_scalar(key, value, step)
