@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from vdvae_sr_jax import train
@@ -73,6 +74,24 @@ def test_skipped_update_leaves_state_bit_identical(bad):
     assert int(metrics["skipped_update"]) == 1 and int(after.skipped) == 1
     assert int(after.step) == 2 and float(metrics["lr"]) == pytest.approx(cfg.lr * 1 / cfg.warmup_iters)
     assert int(resumed.skipped) == 1 and not np.array_equal(resumed.params["w"], after.params["w"])
+
+
+@pytest.mark.parametrize("poisoned", ["mu", "nu"])
+def test_a_non_finite_adam_moment_is_not_applied(poisoned):
+    """An inf in Adam's moments (say, from a corrupt checkpoint) turns a finite gradient into NaN params: the step
+    must skip, not write them."""
+    cfg = _train_config()
+    tx = train.make_optimizer(cfg)
+    state = train.init_state({"w": jnp.asarray([1.0, -2.0, 0.5])}, tx, jax.random.key(0))
+    moment = optax.tree.get(state.opt_state, poisoned)
+    state = state.replace(opt_state=optax.tree.set(state.opt_state, **{poisoned: moment.at[1].set(jnp.inf)}))
+    batch = {"scale": np.float32(1.0), "target": np.array([0.3, 0.1, -0.2], np.float32)}
+    after, metrics = train.train_step(state, batch, {"c": 1.0}, loss_fn=_quadratic_loss, tx=tx, train=cfg)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert int(metrics["skipped_update"]) == 1 and int(after.skipped) == 1
+    np.testing.assert_array_equal(after.flat_params, state.flat_params)
+    np.testing.assert_array_equal(after.flat_ema, state.flat_ema)
+    np.testing.assert_array_equal(optax.tree.get(after.opt_state, poisoned), optax.tree.get(state.opt_state, poisoned))
 
 
 def test_skip_threshold_minus_one_disables_skipping():

@@ -2,9 +2,10 @@
 
 AdamW (beta2 0.9) after global-norm clipping at `grad_clip`, a linear warmup driven by the
 step counter, an EMA of the weights after every applied update, and gradient skipping: when
-the pre-clip norm is at or above `skip_threshold` (-1 disables) or anything is NaN/inf, the
-params, optimiser state and EMA stay bit-identical and `skipped` counts up, while the step
-(and so the warmup) still advances, as upstream.
+the pre-clip norm is at or above `skip_threshold` (-1 disables), or the loss, the norm, or any
+value of the new params, optimiser state or EMA is NaN/inf, the params, optimiser state and EMA
+stay bit-identical and `skipped` counts up, while the step (and so the warmup) still advances,
+as upstream.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ def _set_learning_rate(opt_state, lr):
     return clip_state, adam_state._replace(hyperparams=hyperparams)
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point value in `tree` is finite: a NaN or inf makes the sum of its leaf non-finite (so
+    would an overflowing sum, of values far beyond any training's), and XLA:CPU sums faster than it reduces isfinite."""
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.isfinite(sum(jnp.sum(x, dtype=jnp.float32) for x in leaves))
+
+
 def train_step(
     state: TrainState,
     batch,
@@ -102,7 +110,8 @@ def train_step(
     updates, new_opt_state = tx.update(grads, opt_state, state.flat_params)
     new_params = optax.apply_updates(state.flat_params, updates)
     new_ema = state.flat_ema * train.ema_rate + new_params * (1.0 - train.ema_rate)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The new state too: a non-finite value already in Adam's moments makes NaN params from a finite gradient.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite((new_params, new_ema, new_opt_state))
     below = grad_norm < train.skip_threshold if train.skip_threshold >= 0 else True
     apply = finite & below
 
