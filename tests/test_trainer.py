@@ -1,6 +1,7 @@
 """The training system end to end, in subprocesses: 4 fake devices against 1, and resuming after a kill."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,30 @@ def test_killed_run_resumes_to_identical_params(tmp_path, subprocess_env, straig
     killed.wait()
     assert not (tmp_path / "final.npz").exists()
     _finish(_start(subprocess_env, tmp_path, 6, 8, checkpoint_every=1))
+    resumed = _final(tmp_path)
+    assert int(resumed["step"]) == 6
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(
+    tmp_path, subprocess_env, straight
+):
+    """Finding 1 of issue 25: a data file of the newest checkpoint overwritten used to be resumed silently."""
+    _finish(_start(subprocess_env, tmp_path, 3, 8, checkpoint_every=1))
+    newest = tmp_path / "checkpoints" / "3"
+    data_file = max((p for p in newest.rglob("*") if p.is_file() and p.parent.name == "d"),
+                    key=lambda p: p.stat().st_size)
+    with data_file.open("r+b") as f:
+        f.seek(data_file.stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    process = _start(subprocess_env, tmp_path, 6, 8, checkpoint_every=1)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert re.search(r"the checkpoint at \S*checkpoints/3 is (corrupt|unreadable).*moved to \S*rejected_checkpoints/3",
+                     output), output[-3000:]
+    assert "using the checkpoint of step 2 instead" in output
+    assert (tmp_path / "rejected_checkpoints" / "3" / "default").is_dir()
     resumed = _final(tmp_path)
     assert int(resumed["step"]) == 6
     for key in straight:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -59,8 +63,37 @@ def graft(params, loaded, at: str, source: str):
     return flax.traverse_util.unflatten_dict(flat)
 
 
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be used; the message names it and says what to do."""
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """The sum mod 2**32 of the array's words, each times an odd weight set by its position: any one changed word
+    changes it."""
+    words = jax.lax.bitcast_convert_type(x.reshape(-1), jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+    weights = (2 * jnp.arange(words.size, dtype=jnp.uint32) + 1) * jnp.uint32(0x9E3779B1)
+    return jnp.sum(words * weights, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprint(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
+    checksums = [_checksum(x) for x in leaves]
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    return checksums, jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+
+
+def fingerprint(state) -> tuple[dict[str, dict], bool]:
+    """({leaf path: shape, dtype and checksum}, whether every float in `state` is finite)."""
+    paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(state)[0])
+    checksums, finite = jax.device_get(_fingerprint(list(leaves)))
+    record = {jax.tree_util.keystr(path): {"shape": list(x.shape), "dtype": str(x.dtype), "checksum": int(c)}
+              for path, x, c in zip(paths, leaves, checksums)}
+    return record, bool(finite)
+
+
 class TrainCheckpoints:
-    """Training checkpoints: the last `keep` steps and the best by validation ELBO, written asynchronously."""
+    """Training checkpoints: the last `keep` steps and the best by validation ELBO, written asynchronously, each
+    with the checksum of every array so that one that changed on disk is found when it is read back."""
 
     def __init__(self, directory: str | Path, keep: int):
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -69,26 +102,107 @@ class TrainCheckpoints:
                                           keep_checkpoints_without_metrics=False),
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_handlers=ocp.StandardCheckpointHandler())
 
-    def save(self, step: int, state, val_elbo: float | None = None) -> None:
+    def save(self, step: int, state, val_elbo: float | None = None) -> bool:
+        """Saves `state` unless it holds a NaN or inf, which no later run should resume from; whether it saved."""
+        record, finite = fingerprint(state)
+        if not finite:
+            logging.error("step %d: the training state holds NaN or inf values; not saved, so the last good "
+                          "checkpoint in %s stays", step, self.directory)
+            return False
         metrics = None if val_elbo is None else {"val_elbo": float(val_elbo)}
-        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+                          custom_metadata={"arrays": record})
+        return True
 
-    def restore_latest(self, abstract_state):
-        """The newest saved state, placed like `abstract_state` (arrays or ShapeDtypeStructs); None if none."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None
+    def restore_latest(self, abstract_state, set_aside: Path | None = None):
+        """The newest state, placed like `abstract_state` (arrays or ShapeDtypeStructs), that reads back as saved
+        and finite; None if there are no checkpoints. Newer ones that fail are reported and, with `set_aside`,
+        moved there, so that training can write their steps again."""
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        rejected = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            problem, state = self._read(step, target)
+            if problem is None:
+                if rejected:
+                    logging.warning("using the checkpoint of step %d instead", step)
+                return state
+            rejected.append(f"step {step} {problem}")
+            where = self._set_aside(step, set_aside) if set_aside is not None else "left in place"
+            logging.warning("the checkpoint at %s %s; %s", self.directory / str(step), problem, where)
+        if rejected:
+            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(rejected)
+                                  + (f" (moved to {set_aside}); rerun to train from the start" if set_aside else ""))
+        return None
+
+    def _read(self, step: int, target):
+        """(None, the state) if the checkpoint of `step` is sound, else (what is wrong with it, None)."""
+        path = self.directory / str(step)
         try:
-            return self.manager.restore(step, args=ocp.args.StandardRestore(target))
+            saved = (self.manager.metadata(step).custom_metadata or {}).get("arrays")
+        except Exception as error:  # noqa: BLE001 - a checkpoint whose metadata cannot be read is unusable
+            return f"is unreadable ({_first_line(error)})", None
+        if saved is not None:
+            misfits = _misfits(saved, target)
+            if misfits:
+                raise CheckpointError(
+                    f"the checkpoint at {path} does not fit this config's training state ({misfits}): is --config "
+                    "the one this workdir was trained with? Use that config, or a new --workdir")
+        try:
+            state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
         except ValueError as error:
-            raise ValueError(
-                f"the checkpoint at {self.manager.directory / str(step)} does not fit this config's training state "
-                f"(another model, or written by an older version of this project); use a new --workdir: {error}"
-            ) from error
+            if saved is None:  # written before checksums: a misfit is only told apart by orbax's error
+                raise CheckpointError(
+                    f"the checkpoint at {path} does not fit this config's training state: is --config the one this "
+                    f"workdir was trained with? Use that config, or a new --workdir ({error})") from error
+            return f"is unreadable ({_first_line(error)})", None
+        except Exception as error:  # noqa: BLE001 - tensorstore and orbax raise plain Exception for damaged files
+            return f"is unreadable ({_first_line(error)})", None
+        record, finite = fingerprint(state)
+        if saved is not None:
+            changed = [key for key, leaf in record.items() if saved.get(key, {}).get("checksum") != leaf["checksum"]]
+            if changed:
+                return f"is corrupt (checksum mismatch in {', '.join(changed)})", None
+        if not finite:
+            return "holds NaN or inf values", None
+        return None, state
+
+    def _set_aside(self, step: int, folder: Path) -> str:
+        """Moves the checkpoint of `step` into `folder` (another name if taken); where it went."""
+        destination = folder / str(step)
+        n = 1
+        while destination.exists():
+            n += 1
+            destination = folder / f"{step}.{n}"
+        if jax.process_index() == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), destination)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
+        return f"moved to {destination}"
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _misfits(saved: dict[str, dict], target) -> str:
+    """What differs between the arrays a checkpoint holds and those `target` needs, briefly; '' if nothing."""
+    needed = {jax.tree_util.keystr(path): (list(x.shape), str(x.dtype))
+              for path, x in jax.tree_util.tree_flatten_with_path(target)[0]}
+    have = {key: (leaf["shape"], leaf["dtype"]) for key, leaf in saved.items()}
+    problems = [f"{key} missing" for key in needed if key not in have]
+    problems += [f"{key} unexpected" for key in have if key not in needed]
+    problems += [f"{key} is {have[key][0]} {have[key][1]}, needs {needed[key][0]} {needed[key][1]}"
+                 for key in needed if key in have and have[key] != needed[key]]
+    return "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and first line, without the TensorStore spec that orbax appends."""
+    text = str(error).split(" See full TensorStore details")[0].strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:300]

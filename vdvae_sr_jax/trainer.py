@@ -115,7 +115,7 @@ def run(config, workdir: Path) -> dict:
     state = jax.device_put(train.init_state(trainable, tx, jax.random.key(cfg.seed + 1)), replicated)
     frozen = jax.device_put(frozen, replicated)
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints)
-    restored = ckpts.restore_latest(state)
+    restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints")
     if restored is not None:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
