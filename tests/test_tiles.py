@@ -8,7 +8,7 @@ import skimage
 
 from vdvae_sr_jax.data import read_image
 from vdvae_sr_jax.resize import bicubic_upscale
-from vdvae_sr_jax.tiles import axis_windows, blend_tiles, extract_tiles, pad_to_tile, tile_grid
+from vdvae_sr_jax.tiles import TileBlender, axis_windows, blend_tiles, extract_tiles, pad_to_tile, tile_grid
 
 SCALE = 4
 
@@ -153,3 +153,20 @@ def test_blending_removes_the_seams_between_disagreeing_tiles(overlap):
     assert pasted[0] > 5.0 and pasted[1] < 1e-9
     assert blended[0] * 3 < pasted[0]
     assert blended[0] < blended[1]
+
+
+def test_blender_hands_back_each_band_once_no_later_tile_reaches_it():
+    image = np.random.default_rng(2).uniform(0, 255, (37, 29, 3))
+    grid = tile_grid(37, 29, tile=8, overlap=3)  # 7 rows of 6 tiles; tops 0, 5, 10, 15, 20, 25, 29
+    blender = TileBlender(grid, SCALE, 3, np.float64)
+    assert blender.sums.shape == (32, 4 * 29, 3)  # one row of tiles, whatever the image's height
+    bands = [blender.add(tile) for tile in nearest(extract_tiles(image, grid))]
+    finished = [(k, band[0]) for k, band in enumerate(bands) if band is not None]
+    assert [k for k, _ in finished] == [6 * r + 5 for r in range(7)]  # after the last tile of each row
+    assert [(rows.start, rows.stop) for _, rows in finished] == [(0, 20), (20, 40), (40, 60), (60, 80), (80, 100),
+                                                                  (100, 116), (116, 148)]
+    np.testing.assert_allclose(np.concatenate([b[1] for b in bands if b is not None]), nearest(image), atol=1e-10)
+    with pytest.raises(ValueError, match="all 42 tiles were already added"):
+        blender.add(np.zeros((32, 32, 3)))
+    with pytest.raises(ValueError, match=r"expected an HR tile of shape \(32, 32, 3\), got \(32, 32, 1\)"):
+        TileBlender(grid, SCALE, 3).add(np.zeros((32, 32, 1)))

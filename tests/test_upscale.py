@@ -4,15 +4,17 @@ files in and out."""
 import os
 import subprocess
 import sys
+from itertools import product
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from tiny_training import tiny_config
 
-from vdvae_sr_jax import data, upscale
+from vdvae_sr_jax import data, tiles, upscale
 from vdvae_sr_jax.model import init_params, model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +68,52 @@ def test_odd_sizes_come_out_exactly_x4_and_seeds_fix_the_output(model_and_params
     assert np.abs(a.astype(int) - c.astype(int)).mean() > 1  # another seed draws another image
     tiny = _upscaler(model_and_params, overlap=1).upscale(lr[:2, :3])  # smaller than one tile
     assert tiny.shape == (1, 8, 12, 3)
+
+
+def all_at_once(upscaler: upscale.Upscaler, lr: np.ndarray, image_index: int) -> np.ndarray:
+    """The upscale before streaming, step by step: every LR tile of every sample cut out, all sampled (in the
+    upscaler's batch size, which does not change a tile's draw, so that nothing recompiles), the HR tiles weighted
+    and summed over the whole padded image, divided by the summed weights, rounded."""
+    grid = tiles.tile_grid(*lr.shape[:2], upscaler.tile, upscaler.settings.overlap)
+    samples, scale, batch = upscaler.settings.num_samples, upscaler.scale, upscaler.batch
+    size = scale * upscaler.tile
+    lr_tiles = np.tile(tiles.extract_tiles(lr, grid), (samples, 1, 1, 1))
+    keys = upscaler._keys(image_index, len(grid))
+    fill = -len(lr_tiles) % batch
+    lr_tiles, keys = np.concatenate([lr_tiles, lr_tiles[:fill]]), jnp.concatenate([keys, keys[:fill]])
+    inputs = data.normalize(lr_tiles, upscaler.data)[0]
+    hr = np.concatenate([upscale._sample_tiles(upscaler.model, upscaler.params, inputs[i : i + batch],
+                                               upscaler.temperature, keys[i : i + batch])
+                         for i in range(0, len(keys), batch)])[: samples * len(grid)].astype(np.float32)
+    rows = tiles.axis_windows(grid.tops, grid.tile, scale, 1e-3)
+    cols = tiles.axis_windows(grid.lefts, grid.tile, scale, 1e-3)
+    height, width = grid.padded_shape
+    out = []
+    for sample in hr.reshape(samples, len(grid), size, size, 3):
+        sums = np.zeros((height * scale, width * scale, 3), np.float32)
+        weights = np.zeros_like(sums[:, :, :1])
+        for k, ((top, row), (left, col)) in enumerate(product(zip(grid.tops, rows), zip(grid.lefts, cols))):
+            weight = np.outer(row, col).astype(np.float32)[:, :, None]
+            sums[top * scale : top * scale + size, left * scale : left * scale + size] += weight * sample[k]
+            weights[top * scale : top * scale + size, left * scale : left * scale + size] += weight
+        blended = (sums / weights)[: lr.shape[0] * scale, : lr.shape[1] * scale]
+        out.append(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("crop, settings", [
+    ((slice(100, 103), slice(200, 211)), dict(temperature=0.5, num_samples=3, seed=3, overlap=1, batch_per_device=5)),
+    ((slice(40, 49), slice(70, 87)), dict(temperature=0.7, num_samples=1, seed=9, overlap=0, batch_per_device=2)),
+])
+def test_streamed_tiles_blend_bit_identically_to_all_at_once(model_and_params, crop, settings):
+    """A 3 x 11 LR crop (reflection padding, 3 samples, overlap 1: 12 tiles in batches of 5) and 9 x 17 (overlap 0:
+    15 tiles in batches of 2)."""
+    lr = data.embedded_photos()[1][1][crop]
+    upscaler = _upscaler(model_and_params, **settings)
+    streamed = upscaler.upscale(lr, image_index=4)
+    assert streamed.shape == (settings["num_samples"], 4 * lr.shape[0], 4 * lr.shape[1], 3)
+    assert upscaler.n_tiles(*lr.shape[:2]) == {5: 12, 2: 15}[settings["batch_per_device"]]
+    np.testing.assert_array_equal(streamed, all_at_once(upscaler, lr, 4))
 
 
 def test_samples_differ_and_the_std_map_shows_where(model_and_params):

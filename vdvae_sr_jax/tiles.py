@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import product
 
 import numpy as np
 
@@ -27,6 +26,11 @@ class TileGrid:
     def positions(self) -> list[tuple[int, int]]:
         """(top, left) of every tile, row-major: the order of `extract_tiles` and `blend_tiles`."""
         return [(top, left) for top in self.tops for left in self.lefts]
+
+    def position(self, index: int) -> tuple[int, int]:
+        """(top, left) of tile `index` in `positions` order, without listing every position."""
+        row, col = divmod(index, len(self.lefts))
+        return self.tops[row], self.lefts[col]
 
     def __len__(self) -> int:
         """The number of tiles."""
@@ -76,8 +80,13 @@ def extract_tiles(image: np.ndarray, grid: TileGrid) -> np.ndarray:
     if image.ndim != 3 or image.shape[:2] != (grid.height, grid.width):
         raise ValueError(f"expected an image of shape ({grid.height}, {grid.width}, C), got {image.shape}")
     padded = pad_to_tile(image, grid.tile)
-    t = grid.tile
-    return np.stack([padded[top : top + t, left : left + t] for top, left in grid.positions])
+    return np.stack([tile_at(padded, grid, k) for k in range(len(grid))])
+
+
+def tile_at(padded: np.ndarray, grid: TileGrid, index: int) -> np.ndarray:
+    """LR tile `index` [tile, tile, C] of an image already padded by `pad_to_tile` (a view, not a copy)."""
+    top, left = grid.position(index)
+    return padded[top : top + grid.tile, left : left + grid.tile]
 
 
 def ramp(n: int) -> np.ndarray:
@@ -106,27 +115,61 @@ def axis_windows(starts: tuple[int, ...], tile: int, scale: int, floor: float) -
     return windows
 
 
-def blend_tiles(hr_tiles: np.ndarray, grid: TileGrid, floor: float = 1e-3) -> np.ndarray:
-    """The (H*scale, W*scale, C) image from HR tiles [n_tiles, tile*scale, tile*scale, C] in `grid.positions` order.
+class TileBlender:
+    """Blends HR tiles, given one at a time in `grid.positions` order, into the image band by band.
 
-    Overlaps are crossfaded with raised-cosine windows normalised by their sum; the scale is read off the tile size.
+    Overlaps are crossfaded with raised-cosine windows normalised by their sum. A band of HR rows is handed back as
+    soon as no later tile reaches it, so only one row of tiles is held whatever the image's height.
     """
+
+    def __init__(self, grid: TileGrid, scale: int, channels: int, dtype=np.float32, floor: float = 1e-3):
+        if not 0 < floor <= 1:
+            raise ValueError(f"floor must be in (0, 1], got floor={floor}")
+        self.grid, self.scale, self.dtype = grid, scale, dtype
+        self.size = scale * grid.tile
+        self.row_windows = axis_windows(grid.tops, grid.tile, scale, floor)
+        self.col_windows = axis_windows(grid.lefts, grid.tile, scale, floor)
+        width = grid.padded_shape[1] * scale
+        self.sums = np.zeros((self.size, width, channels), dtype)  # weighted sums over the current row of tiles
+        self.weights = np.zeros((self.size, width, 1), dtype)
+        self.added = 0
+        self.rows_done = 0
+
+    def add(self, hr_tile: np.ndarray) -> tuple[slice, np.ndarray] | None:
+        """Adds the next HR tile [tile*scale, tile*scale, C]; returns (rows, values) of the image's HR rows
+        [n, W*scale, C] that it completes, or None while its row of tiles is unfinished."""
+        if self.added == len(self.grid):
+            raise ValueError(f"all {len(self.grid)} tiles were already added")
+        if hr_tile.shape != (self.size, self.size, self.sums.shape[2]):
+            raise ValueError(f"expected an HR tile of shape {(self.size, self.size, self.sums.shape[2])}, "
+                             f"got {hr_tile.shape}")
+        row, col = divmod(self.added, len(self.grid.lefts))
+        weight = np.outer(self.row_windows[row], self.col_windows[col]).astype(self.dtype)[:, :, None]
+        x = self.grid.lefts[col] * self.scale
+        self.sums[:, x : x + self.size] += weight * hr_tile
+        self.weights[:, x : x + self.size] += weight
+        self.added += 1
+        return self._finish_row(row) if col + 1 == len(self.grid.lefts) else None
+
+    def _finish_row(self, row: int) -> tuple[slice, np.ndarray]:
+        """The HR rows above the next row of tiles (all rows left, after the last), and the buffers moved up."""
+        tops, height = self.grid.tops, self.grid.height
+        n = self.scale * (tops[row + 1] - tops[row] if row + 1 < len(tops) else height - tops[row])
+        band = (self.sums[:n] / self.weights[:n])[:, : self.grid.width * self.scale]
+        for buffer in (self.sums, self.weights):
+            buffer[: self.size - n] = buffer[n:]
+            buffer[self.size - n :] = 0
+        rows = slice(self.rows_done, self.rows_done + n)
+        self.rows_done += n
+        return rows, band
+
+
+def blend_tiles(hr_tiles: np.ndarray, grid: TileGrid, floor: float = 1e-3) -> np.ndarray:
+    """The (H*scale, W*scale, C) image from HR tiles [n_tiles, tile*scale, tile*scale, C] in `grid.positions` order,
+    blended by a `TileBlender`; the scale is read off the tile size."""
     shape = hr_tiles.shape
     scale = shape[1] // grid.tile if hr_tiles.ndim == 4 else 0
     if scale < 1 or shape[:3] != (len(grid), scale * grid.tile, scale * grid.tile):
         raise ValueError(f"expected {len(grid)} HR tiles [n, k*{grid.tile}, k*{grid.tile}, C], got {shape}")
-    if not 0 < floor <= 1:
-        raise ValueError(f"floor must be in (0, 1], got floor={floor}")
-    size = scale * grid.tile
-    dtype = np.result_type(hr_tiles.dtype, np.float32)
-    padded_h, padded_w = grid.padded_shape
-    out = np.zeros((padded_h * scale, padded_w * scale, shape[3]), dtype)
-    total = np.zeros((padded_h * scale, padded_w * scale, 1), dtype)
-    rows = axis_windows(grid.tops, grid.tile, scale, floor)
-    cols = axis_windows(grid.lefts, grid.tile, scale, floor)
-    for k, ((top, row), (left, col)) in enumerate(product(zip(grid.tops, rows), zip(grid.lefts, cols))):
-        weight = np.outer(row, col).astype(dtype)[:, :, None]
-        y, x = top * scale, left * scale
-        out[y : y + size, x : x + size] += weight * hr_tiles[k]
-        total[y : y + size, x : x + size] += weight
-    return (out / total)[: grid.height * scale, : grid.width * scale]
+    blender = TileBlender(grid, scale, shape[3], np.result_type(hr_tiles.dtype, np.float32), floor)
+    return np.concatenate([done[1] for done in map(blender.add, hr_tiles) if done is not None])

@@ -10,7 +10,9 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from itertools import chain
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -76,33 +78,47 @@ class Upscaler:
         per_sample = [jax.random.fold_in(base, s) for s in range(self.settings.num_samples)]
         return jnp.stack([jax.random.split(k, n_tiles) for k in per_sample]).reshape(-1)
 
-    def _run(self, lr_tiles: np.ndarray, keys: jax.Array, progress) -> np.ndarray:
-        """HR tiles for LR tiles, `self.batch` at a time; the last batch is padded so nothing recompiles."""
-        outputs = []
-        for start in range(0, len(lr_tiles), self.batch):
-            chunk, chunk_keys = lr_tiles[start : start + self.batch], keys[start : start + self.batch]
+    def _hr_batches(self, padded: np.ndarray, grid: tiles.TileGrid, keys: jax.Array,
+                    progress) -> Iterator[np.ndarray]:
+        """uint8 HR tiles of every (sample, tile) of a padded LR image, in that order, `self.batch` at a time; the
+        last batch is filled up with copies of its last tile so nothing recompiles."""
+        for start in range(0, len(keys), self.batch):
+            stop = min(start + self.batch, len(keys))
+            chunk = np.stack([tiles.tile_at(padded, grid, i % len(grid)) for i in range(start, stop)])
             pad = self.batch - len(chunk)
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            chunk_keys = jnp.concatenate([chunk_keys, jnp.repeat(chunk_keys[-1:], pad, axis=0)])
+            chunk_keys = jnp.concatenate([keys[start:stop], jnp.repeat(keys[stop - 1 : stop], pad, axis=0)])
             lr_input = jax.device_put(data.normalize(chunk, self.data)[0], self.sharding)
             hr = _sample_tiles(self.model, self.params, lr_input, self.temperature,
                                jax.device_put(chunk_keys, self.sharding))
-            outputs.append(np.asarray(hr)[: self.batch - pad])
-            progress.update(self.batch - pad)
-        return np.concatenate(outputs)
+            yield np.asarray(hr)[: stop - start]
+            progress.update(stop - start)
 
     def n_tiles(self, height: int, width: int) -> int:
         """Tiles (over all samples) that an H x W LR image needs."""
         return len(tiles.tile_grid(height, width, self.tile, self.settings.overlap)) * self.settings.num_samples
 
     def upscale(self, lr_uint8: np.ndarray, image_index: int = 0, progress=None) -> np.ndarray:
-        """SR samples uint8 [num_samples, H*scale, W*scale, 3] of one uint8 RGB LR image [H, W, 3]."""
-        grid = tiles.tile_grid(lr_uint8.shape[0], lr_uint8.shape[1], self.tile, self.settings.overlap)
-        lr_tiles = np.tile(tiles.extract_tiles(lr_uint8, grid), (self.settings.num_samples, 1, 1, 1))
-        progress = progress if progress is not None else tqdm(total=len(lr_tiles), disable=True)
-        hr_tiles = self._run(lr_tiles, self._keys(image_index, len(grid)), progress)
-        samples = hr_tiles.reshape(self.settings.num_samples, len(grid), *hr_tiles.shape[1:]).astype(np.float32)
-        return np.stack([np.clip(np.rint(tiles.blend_tiles(s, grid)), 0, 255).astype(np.uint8) for s in samples])
+        """SR samples uint8 [num_samples, H*scale, W*scale, 3] of one uint8 RGB LR image [H, W, 3].
+
+        Tiles stream through the devices in batches and are blended into the output as they return, so besides
+        the output only a few batches and one row of tiles per sample are held.
+        """
+        height, width = lr_uint8.shape[:2]
+        grid = tiles.tile_grid(height, width, self.tile, self.settings.overlap)
+        samples = self.settings.num_samples
+        out = np.empty((samples, height * self.scale, width * self.scale, 3), np.uint8)
+        blenders = [tiles.TileBlender(grid, self.scale, 3) for _ in range(samples)]
+        progress = progress if progress is not None else tqdm(total=len(grid) * samples, disable=True)
+        batches = self._hr_batches(tiles.pad_to_tile(lr_uint8, self.tile), grid, self._keys(image_index, len(grid)),
+                                   progress)
+        for index, hr_tile in enumerate(chain.from_iterable(batches)):
+            sample = index // len(grid)
+            finished = blenders[sample].add(hr_tile)
+            if finished is not None:
+                rows, values = finished
+                out[sample, rows] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        return out
 
 
 def std_heat_map(samples_uint8: np.ndarray) -> np.ndarray:
