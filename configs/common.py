@@ -40,9 +40,12 @@ def vdvae_config(
         | (init or {})
     )
     config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8, injection_rows=6))
-    # --mode=upscale: temperature is one number or one per layer; overlap is in LR pixels.
+    # --mode=upscale: temperature is one number or one per layer; overlap is in LR pixels. max_pixels: the largest
+    # LR image (width x height) read, checked from the file's header, 0 for no limit; the default takes a 24 MP
+    # photo, whose x4 output is 384 MP.
     config.upscale = ml_collections.ConfigDict(
-        dict(temperature=0.1, num_samples=1, seed=0, overlap=2, batch_per_device=8, std_map=False)
+        dict(temperature=0.1, num_samples=1, seed=0, overlap=2, batch_per_device=8, std_map=False,
+             max_pixels=25_000_000)
     )
     # --mode=evaluate of a VDVAE-SR: the SR benchmark protocol. external: "NAME=FOLDER,..." of other models'
     # outputs; lpips_* and fid_inception: weight files (empty: the torch hub cache and the lpips package).

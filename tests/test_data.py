@@ -44,14 +44,22 @@ def test_folder_skips_and_reports_bad_files(tmp_path, caplog):
     Image.fromarray(rgb).save(tmp_path / "good.png")
     Image.fromarray(rgb[:, :, 0]).save(tmp_path / "grey.jpg")
     Image.fromarray(rgb[:10, :10]).save(tmp_path / "tiny.png")
+    Image.fromarray(rgb).save(tmp_path / "palette.gif")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "sub" / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path)
     with caplog.at_level(logging.WARNING):
         images = data.folder_images(tmp_path, min_size=32)
-    assert [p.split("/")[-1] for p, _ in images] == ["good.png", "grey.jpg"]
-    assert images[1][1].shape == rgb.shape
+    assert [p.split("/")[-1] for p, _ in images] == ["good.png", "grey.jpg", "palette.gif"]
+    assert images[1][1].shape == images[2][1].shape == rgb.shape
+    assert np.abs(images[2][1].astype(int) - rgb).mean() < 8  # 256 palette colours
+    assert "skipped 4 of 7 images:" in caplog.text
     assert "cannot read image " + str(tmp_path / "sub" / "corrupt.png") in caplog.text
     assert "tiny.png (smaller than 32 pixels)" in caplog.text
+    dangling = tmp_path / "sub" / "dangling.jpg"
+    assert f"{dangling} is a link to {tmp_path / 'gone.jpg'}, which does not exist" in caplog.text
+    assert f"{tmp_path / 'sub' / 'loop'} is a link to a folder, which is not searched" in caplog.text
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.folder_images(tmp_path / "nowhere")
 

@@ -1,16 +1,20 @@
 """Reading every image mode the upscale tool meets, writing PNGs back, and never overwriting an input."""
 
+import logging
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skimage
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vdvae_sr_jax.data import read_image
 from vdvae_sr_jax.image_io import (
     UnreadableImage,
     expand_inputs,
+    image_size,
     input_root,
     load_image,
     output_path,
@@ -135,11 +139,11 @@ def make_tree(root: Path) -> None:
 
 def test_expand_inputs_from_a_file_a_folder_and_a_glob(tmp_path):
     make_tree(tmp_path)
-    assert expand_inputs(tmp_path / "a.png") == [tmp_path / "a.png"]
+    assert expand_inputs(tmp_path / "a.png") == ([tmp_path / "a.png"], [])
     names = ["a.png", "b.jpg", "sub/c.png", "sub/deeper/d.PNG"]
-    assert expand_inputs(tmp_path) == [tmp_path / n for n in names]
-    assert expand_inputs(str(tmp_path / "**" / "*.png")) == [tmp_path / "a.png", tmp_path / "sub" / "c.png"]
-    assert expand_inputs(str(tmp_path / "*")) == [tmp_path / "a.png", tmp_path / "b.jpg"]
+    assert expand_inputs(tmp_path) == ([tmp_path / n for n in names], [])
+    assert expand_inputs(str(tmp_path / "**" / "*.png")) == ([tmp_path / "a.png", tmp_path / "sub" / "c.png"], [])
+    assert expand_inputs(str(tmp_path / "*")) == ([tmp_path / "a.png", tmp_path / "b.jpg"], [])
     assert input_root(tmp_path) == tmp_path and input_root(tmp_path / "a.png") is None
     assert input_root(str(tmp_path / "sub" / "**" / "*.png")) == tmp_path / "sub"
     with pytest.raises(FileNotFoundError, match="nothing.png"):
@@ -153,7 +157,7 @@ def test_expand_inputs_from_a_file_a_folder_and_a_glob(tmp_path):
 
 def test_output_paths_mirror_subfolders_and_end_in_png(tmp_path):
     make_tree(tmp_path)
-    inputs = expand_inputs(tmp_path)
+    inputs, _ = expand_inputs(tmp_path)
     outputs = output_paths(inputs, tmp_path / "out", "_x4", inputs_root=tmp_path)
     assert outputs == [tmp_path / "out" / n for n in ("a_x4.png", "b_x4.png", "sub/c_x4.png", "sub/deeper/d_x4.png")]
     assert output_path(tmp_path / "sub" / "c.png", tmp_path / "out") == tmp_path / "out" / "c_x4.png"
@@ -180,3 +184,83 @@ def test_outputs_never_overwrite_an_input(tmp_path):
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "b.png")
     with pytest.raises(ValueError, match=r"inputs .*b\.jpg and .*b\.png would both be written to .*b_x4\.png"):
         output_paths([tmp_path / "b.jpg", tmp_path / "b.png"], tmp_path / "out")
+
+
+def png_bytes(width: int, height: int, data: bytes, colour: int = 2, depth: int = 8) -> bytes:
+    """A PNG whose header claims width x height and whose compressed pixel data is `data` (filtered rows, whatever
+    their length), written chunk by chunk so that it can lie."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(data)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("width, height", [(9000, 9000), (300, 200)])
+def test_pixel_data_shorter_than_the_header_claims_is_refused_by_name(tmp_path, width, height):
+    path = tmp_path / f"short_{width}.png"
+    path.write_bytes(png_bytes(width, height, bytes(100)))
+    assert path.stat().st_size == 69 and image_size(path) == (width, height)  # the header alone is fine
+    with pytest.raises(UnreadableImage) as error:
+        load_image(path)
+    message = str(error.value)
+    assert message == (f"cannot read image {path}: image file is truncated (0 bytes not processed); "
+                       "replace the file, or remove it from the input")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # refused by Pillow's own default, which nothing here changes
+
+
+def sub_filtered(rows: np.ndarray, bpp: int) -> bytes:
+    """PNG rows [H, bytes] with filter 1 (each byte minus the one a pixel to its left) on even rows and filter 2
+    (minus the byte above) on odd rows, so that decoding must undo both."""
+    out = []
+    for i, row in enumerate(rows.astype(np.int64)):
+        before = np.concatenate([np.zeros(bpp, np.int64), row[:-bpp]]) if i % 2 == 0 else rows[i - 1].astype(np.int64)
+        out.append(bytes([1 + i % 2]) + ((row - before) % 256).astype(np.uint8).tobytes())
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("channels, colour", [(3, 2), (4, 6)])
+def test_sixteen_bit_colour_pngs_scale_by_1_over_257_as_grey_does(tmp_path, channels, colour):
+    deep = np.random.default_rng(channels).integers(0, 65536, (5, 7, channels)).astype(">u2")
+    deep[0, 0, :3] = 255, 383, 65535  # round(x / 257) = 1, 1, 255 where x >> 8 = 0, 1, 255
+    path = tmp_path / "deep.png"
+    path.write_bytes(png_bytes(7, 5, sub_filtered(deep.view(np.uint8).reshape(5, -1), 2 * channels), colour, 16))
+    source = load_image(path)
+    expected = np.floor(deep.astype(np.int64) / 257 + 0.5).astype(np.uint8)
+    assert source.rgb[0, 0].tolist() == [1, 1, 255] and not source.grey
+    assert np.array_equal(source.rgb, expected[:, :, :3]) and (source.alpha is None) == (channels == 3)
+    if channels == 4:
+        assert np.array_equal(source.alpha, expected[:, :, 3])
+    Image.fromarray(deep[:, :, 1].astype(np.uint16)).save(tmp_path / "grey.png")  # the grey path, same values
+    assert np.array_equal(load_image(tmp_path / "grey.png").rgb[:, :, 0], source.rgb[:, :, 1])
+
+
+def test_animated_images_give_their_first_frame_and_a_warning(tmp_path, chelsea, caplog):
+    frames = [Image.fromarray(chelsea[:40, :50] // k) for k in (1, 2, 3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    frames[0].save(tmp_path / "still.gif")
+    with caplog.at_level(logging.WARNING):
+        first, still = load_image(tmp_path / "anim.gif"), load_image(tmp_path / "still.gif")
+    assert np.array_equal(first.rgb, still.rgb) and first.rgb.shape == (40, 50, 3)
+    assert [r.getMessage() for r in caplog.records] == [f"{tmp_path / 'anim.gif'} has 3 frames: only the first is used"]
+
+
+def test_gifs_are_found_and_links_that_lead_nowhere_are_named(tmp_path):
+    make_tree(tmp_path)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "e.gif")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path)  # a folder loop: not followed, so nothing recurses
+    (tmp_path / "notes.lnk").symlink_to(tmp_path / "gone.txt")  # not an image: ignored like notes.txt
+    found, skipped = expand_inputs(tmp_path)
+    assert found == [tmp_path / n for n in ("a.png", "b.jpg", "e.gif", "sub/c.png", "sub/deeper/d.PNG")]
+    assert skipped == [f"{tmp_path / 'dangling.png'} is a link to {tmp_path / 'gone.png'}, which does not exist: "
+                       "fix or remove the link",
+                       f"{tmp_path / 'loop.png'} is a symbolic link loop: fix or remove the link",
+                       f"{tmp_path / 'sub' / 'up'} is a link to a folder, which is not searched: give that folder "
+                       "as its own input"]
+    found, skipped = expand_inputs(str(tmp_path / "**" / "*.png"))
+    assert found == [tmp_path / "a.png", tmp_path / "sub" / "c.png"] and len(skipped) == 2
+    with pytest.raises(FileNotFoundError, match=r"no images .* match input .*loo\*\.png; .*loop\.png is a symbolic"):
+        expand_inputs(str(tmp_path / "loo*.png"))

@@ -1,9 +1,11 @@
 """Upscaling any image with a (tiny, freshly initialised) VDVAE-SR: exact x4 sizes, seeds, batching, samples and
 files in and out."""
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from itertools import product
 from pathlib import Path
 
@@ -12,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_image_io import png_bytes
 from tiny_training import tiny_config
 
+from configs.demo import get_config
 from vdvae_sr_jax import data, tiles, upscale
 from vdvae_sr_jax.model import init_params, model_from_config
 
@@ -170,3 +174,45 @@ def test_four_devices_draw_the_same_samples_as_one(model_and_params, tmp_path, s
     one = _upscaler(model_and_params, **settings).upscale(multi_device_lr())
     assert one.shape == (2, 4 * 28, 4 * 21, 3)
     np.testing.assert_array_equal(np.load(tmp_path / "four.npy"), one)
+
+
+def test_a_run_skips_short_oversized_and_dangling_inputs_by_name_and_writes_the_rest(model_and_params, tmp_path,
+                                                                                       caplog):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    photo = data.embedded_photos()[2][1][::8, ::8]
+    Image.fromarray(photo[:10, :12]).save(inputs / "good.png")
+    frames = [Image.fromarray(photo[:9, :7] // k) for k in (1, 2)]
+    frames[0].save(inputs / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(photo[:30, :40]).save(inputs / "big.png")  # 1200 pixels, over max_pixels=1000
+    (inputs / "bomb.png").write_bytes(png_bytes(10000, 10000, bytes(100)))  # over Pillow's warning limit too
+    (inputs / "short.png").write_bytes(png_bytes(30, 20, bytes(100)))
+    (inputs / "dangling.png").symlink_to(inputs / "gone.png")
+    before = {p.name: p.read_bytes() for p in inputs.iterdir() if p.is_file()}
+    upscaler = _upscaler(model_and_params, overlap=1, max_pixels=1000)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        result = upscale.upscale_files(upscaler, str(inputs), tmp_path / "out")
+    assert not caught  # no second message from Pillow's decompression-bomb check
+    assert result["images"] == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["anim_x4.png",
+                                                                                              "good_x4.png"]
+    assert Image.open(tmp_path / "out" / "good_x4.png").size == (48, 40)
+    assert result["failed"] == [
+        f"{inputs / 'dangling.png'} is a link to {inputs / 'gone.png'}, which does not exist: fix or remove the link",
+        f"image {inputs / 'big.png'} is 40 x 30 = 1,200 pixels, over upscale.max_pixels=1,000: raise the limit with "
+        "--config.upscale.max_pixels=1200 (0 for none)",
+        f"image {inputs / 'bomb.png'} is 10000 x 10000 = 100,000,000 pixels, over upscale.max_pixels=1,000: raise "
+        "the limit with --config.upscale.max_pixels=100000000 (0 for none)",
+        f"cannot read image {inputs / 'short.png'}: image file is truncated (0 bytes not processed); replace the "
+        "file, or remove it from the input"]
+    assert f"{inputs / 'anim.gif'} has 2 frames: only the first is used" in caplog.text
+    assert all(f"{line}; skipped" in caplog.text for line in result["failed"])
+    assert {p.name: p.read_bytes() for p in inputs.iterdir() if p.is_file()} == before  # no input touched
+
+
+def test_max_pixels_comes_from_the_config_and_must_not_be_negative():
+    config = get_config()
+    assert config.upscale.max_pixels == 25_000_000 == upscale.Settings.from_config(config.upscale).max_pixels
+    config.upscale.max_pixels = -1
+    with pytest.raises(ValueError, match=r"^upscale.max_pixels must be 0 \(no limit\) or more, got -1$"):
+        upscale.Settings.from_config(config.upscale)

@@ -47,12 +47,14 @@ def embedded_photos() -> list[tuple[str, np.ndarray]]:
 
 
 def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.ndarray]]:
-    """(path, RGB uint8 image) for every image under `folder`; unreadable or too-small files are skipped and logged."""
+    """(path, RGB uint8 image) for every image under `folder`; unreadable or too-small files, and links that lead
+    nowhere or to folders (not searched), are skipped and logged by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    images, skipped = [], []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in image_io.IMAGE_SUFFIXES):
+    paths, skipped = image_io.find_images(folder.rglob("*"))
+    images = []
+    for path in paths:
         try:
             image = read_image(path)
         except image_io.UnreadableImage as error:

@@ -3,17 +3,20 @@ upscale tool alike), writing PNGs safely."""
 
 from __future__ import annotations
 
-import glob
+import errno
+import logging
+import stat
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 GLOB_CHARS = frozenset("*?[")
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N"})
 # What PIL raises on missing, truncated, corrupt or absurdly large files.
@@ -43,20 +46,53 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def expand_inputs(spec: str | Path) -> list[Path]:
-    """The image files `spec` names, sorted: the file itself, every image under a folder, or a glob's matches."""
+def skipped_link(path: Path) -> str | None:
+    """Why a folder search or glob skips `path`, for a link it does not follow: one with an image suffix that leads
+    nowhere or round a loop, or one to a folder (searches never follow those, so a loop cannot recurse forever);
+    None for anything else."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"{path} is a symbolic link loop: fix or remove the link"
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return f"{path} is a link to {path.readlink()}, which does not exist: fix or remove the link"
+        return None
+    if stat.S_ISDIR(target.st_mode):
+        return f"{path} is a link to a folder, which is not searched: give that folder as its own input"
+    return None
+
+
+def find_images(candidates: Iterable[Path]) -> tuple[list[Path], list[str]]:
+    """The image files among `candidates`, sorted, and a line for each link among them that is skipped."""
+    found, skipped = [], []
+    for path in candidates:
+        if is_image_file(path):
+            found.append(path)
+        elif (reason := skipped_link(path)) is not None:
+            skipped.append(reason)
+    return sorted(found), sorted(skipped)
+
+
+def expand_inputs(spec: str | Path) -> tuple[list[Path], list[str]]:
+    """The image files `spec` names, sorted: the file itself, every image under a folder, or a glob's matches; and
+    a line for each link the search skipped (`skipped_link`)."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return [path]
+        return [path], []
     if path.is_dir():
-        found = [p for p in path.rglob("*") if is_image_file(p)]
+        found, skipped = find_images(path.rglob("*"))
     elif is_pattern(spec):
-        found = [p for p in map(Path, glob.glob(str(path), recursive=True)) if is_image_file(p)]
+        root = input_root(spec)
+        found, skipped = find_images(root.glob(str(Path(*path.parts[len(root.parts):]))))
     else:
         raise FileNotFoundError(f"input {spec} does not exist")
     if not found:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) match input {spec}")
-    return sorted(found)
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) match input {spec}"
+                                + "".join(f"; {reason}" for reason in skipped))
+    return found, skipped
 
 
 def input_root(spec: str | Path) -> Path | None:
@@ -80,29 +116,76 @@ def sixteen_to_eight_bit(values: np.ndarray) -> np.ndarray:
     return ((clipped + 128) // 257).astype(np.uint8)
 
 
-def split_image(im: Image.Image) -> SourceImage:
-    """RGB, alpha and greyness of an opened image in any mode: 16-bit and 'I' grey are scaled by 1/257,
-    palette transparency becomes alpha, and floating-point images are refused (they have no fixed range)."""
+def low_bytes(path: str | Path, im: Image.Image) -> Image.Image | None:
+    """For an opened 16-bit RGB or RGBA PNG, of which Pillow keeps the high bytes, the same image decoded again to
+    its low bytes with Pillow's little-endian unpacker, EXIF orientation applied; None for any other image."""
+    rawmode = im.tile[0].args if im.format == "PNG" and len(im.tile) == 1 else None
+    if rawmode not in ("RGB;16B", "RGBA;16B") or "transparency" in im.info:
+        return None
+    with open_image(path) as low:
+        low.tile = [low.tile[0]._replace(args=rawmode.replace(";16B", ";16L"))]
+        low.load()
+        return ImageOps.exif_transpose(low)
+
+
+def split_image(im: Image.Image, low: Image.Image | None = None) -> SourceImage:
+    """RGB, alpha and greyness of an opened image in any mode: 16-bit values (grey, or colour whose `low_bytes` are
+    given) are scaled by 1/257, palette transparency becomes alpha, and floating-point images are refused (they
+    have no fixed range)."""
     if im.mode == "F":
         raise ValueError("floating-point images (mode F) are not supported")
     grey = im.mode in GREY_MODES
     if im.mode.startswith("I"):
         grey8 = sixteen_to_eight_bit(np.asarray(im))
         return SourceImage(rgb=np.repeat(grey8[:, :, None], 3, axis=2), alpha=None, grey=True)
+    if low is not None:
+        eight = sixteen_to_eight_bit(np.asarray(im).astype(np.uint16) << 8 | np.asarray(low))
+        return SourceImage(rgb=eight[:, :, :3], alpha=eight[:, :, 3] if eight.shape[2] == 4 else None, grey=False)
     if im.has_transparency_data:
         rgba = np.asarray(im.convert("RGBA"))
         return SourceImage(rgb=rgba[:, :, :3].copy(), alpha=rgba[:, :, 3].copy(), grey=grey)
     return SourceImage(rgb=np.asarray(im.convert("RGB")), alpha=None, grey=grey)
 
 
-def load_image(path: str | Path) -> SourceImage:
-    """The image at `path`, EXIF orientation applied; UnreadableImage, naming the file, if it cannot be read."""
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path` with its header read and its pixels not yet decoded. Pillow's decompression-bomb
+    warning is silenced: a caller that wants a size limit checks `size` itself (Pillow still refuses images over
+    twice its limit)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def unreadable(path: str | Path, error: Exception) -> UnreadableImage:
+    """The one-line error for a file that cannot be read, naming it and what to do."""
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return UnreadableImage(f"cannot read image {path}: {reason}; replace the file, or remove it from the input")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels; UnreadableImage names a bad file."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return split_image(ImageOps.exif_transpose(im))
+        with open_image(path) as im:
+            return im.size
     except READ_ERRORS as error:
-        raise UnreadableImage(f"cannot read image {path}: {error}") from error
+        raise unreadable(path, error) from error
+
+
+def load_image(path: str | Path) -> SourceImage:
+    """The first frame of the image at `path`, EXIF orientation applied (a warning names an image with several
+    frames); UnreadableImage, naming the file, if it cannot be read, or if its pixel data is shorter than its
+    header claims."""
+    try:
+        with open_image(path) as im:
+            frames = getattr(im, "n_frames", 1)
+            low = low_bytes(path, im)
+            im.load()
+            source = split_image(ImageOps.exif_transpose(im), low)
+    except READ_ERRORS as error:
+        raise unreadable(path, error) from error
+    if frames > 1:
+        logging.warning("%s has %d frames: only the first is used", path, frames)
+    return source
 
 
 def upscale_alpha(alpha: np.ndarray, scale: int = 4) -> np.ndarray:

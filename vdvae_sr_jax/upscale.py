@@ -29,7 +29,8 @@ from vdvae_sr_jax.model import VDVAESR
 @dataclass(frozen=True)
 class Settings:
     """How to upscale: temperature (one number or one per layer), samples per image, seed, tile overlap (LR
-    pixels), tiles per device per batch, and whether to save a per-pixel standard-deviation map."""
+    pixels), tiles per device per batch, whether to save a per-pixel standard-deviation map, and the largest LR
+    image (width x height) a file may hold, 0 for no limit."""
 
     temperature: float | tuple[float, ...] = 0.1
     num_samples: int = 1
@@ -37,6 +38,7 @@ class Settings:
     overlap: int = 2
     batch_per_device: int = 8
     std_map: bool = False
+    max_pixels: int = 25_000_000
 
     @classmethod
     def from_config(cls, upscale) -> Settings:
@@ -45,8 +47,10 @@ class Settings:
         temperature = float(temperature) if np.ndim(temperature) == 0 else tuple(float(t) for t in temperature)
         if upscale.num_samples < 1:
             raise ValueError(f"upscale.num_samples must be at least 1, got {upscale.num_samples}")
+        if upscale.max_pixels < 0:
+            raise ValueError(f"upscale.max_pixels must be 0 (no limit) or more, got {upscale.max_pixels}")
         return cls(temperature, int(upscale.num_samples), int(upscale.seed), int(upscale.overlap),
-                   int(upscale.batch_per_device), bool(upscale.std_map))
+                   int(upscale.batch_per_device), bool(upscale.std_map), int(upscale.max_pixels))
 
 
 @partial(jax.jit, static_argnums=0)
@@ -124,38 +128,65 @@ class Upscaler:
 def std_heat_map(samples_uint8: np.ndarray) -> np.ndarray:
     """The per-pixel standard deviation across samples as a 'hot' colour map (black, red, yellow, white),
     scaled so that white is the image's largest deviation."""
-    std = samples_uint8.astype(np.float32).std(axis=0).mean(axis=-1)
+    rows = range(0, samples_uint8.shape[1], 256)  # a band at a time, so no float copy of every sample is held
+    std = np.concatenate([samples_uint8[:, y : y + 256].astype(np.float32).std(axis=0).mean(axis=-1) for y in rows])
     v = std / max(float(std.max()), 1e-6)
     rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
     return np.rint(rgb * 255).astype(np.uint8)
 
 
+def lr_size(path: Path, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an input from its header; `image_io.UnreadableImage`, naming the file and the setting to
+    raise, when it has more than `max_pixels` pixels (0: no limit)."""
+    width, height = image_io.image_size(path)
+    if 0 < max_pixels < width * height:
+        raise image_io.UnreadableImage(
+            f"image {path} is {width} x {height} = {width * height:,} pixels, over upscale.max_pixels="
+            f"{max_pixels:,}: raise the limit with --config.upscale.max_pixels={width * height} (0 for none)")
+    return width, height
+
+
 def upscale_files(upscaler: Upscaler, input_spec: str, output_dir: str | Path) -> dict:
-    """Upscales every image a file, folder or glob names into `output_dir`, skipping unreadable ones by name.
+    """Upscales every image a file, folder or glob names into `output_dir`, one image at a time, skipping and
+    reporting by name the ones that cannot be read, are over `max_pixels`, or are links that lead nowhere.
 
     Writes NAME_x4.png (NAME_x4_s{k}.png per sample when there are several) and, if asked, NAME_x4_std.png.
-    Outputs are checked before any work so that none overwrites an input.
+    Outputs are checked before any work so that none overwrites an input; sizes are read from the headers first.
     """
     settings = upscaler.settings
-    inputs, root = image_io.expand_inputs(input_spec), image_io.input_root(input_spec)
+    (inputs, skipped_links), root = image_io.expand_inputs(input_spec), image_io.input_root(input_spec)
     suffixes = ["_x4"] if settings.num_samples == 1 else [f"_x4_s{k}" for k in range(settings.num_samples)]
     if settings.std_map and settings.num_samples > 1:
         suffixes.append("_x4_std")
     outputs = {s: image_io.output_paths(inputs, output_dir, s, root) for s in suffixes}
-    sources, failed = {}, []
+
+    failed = []
+
+    def skip(reason) -> None:
+        failed.append(str(reason))
+        logging.warning("%s; skipped", reason)
+
+    for reason in skipped_links:
+        skip(reason)
+    tiles_of = {}
     for path in inputs:
         try:
-            sources[path] = image_io.load_image(path)
+            width, height = lr_size(path, settings.max_pixels)
         except image_io.UnreadableImage as error:
-            failed.append(str(error))
-            logging.warning("%s; skipped", error)
-    total = sum(upscaler.n_tiles(*s.rgb.shape[:2]) for s in sources.values())
+            skip(error)
+            continue
+        tiles_of[path] = upscaler.n_tiles(height, width)
     start, written = time.perf_counter(), []
-    with tqdm(total=total, desc="upscale", unit="tile") as progress:
+    with tqdm(total=sum(tiles_of.values()), desc="upscale", unit="tile") as progress:
         for index, path in enumerate(inputs):
-            if path not in sources:
+            if path not in tiles_of:
                 continue
-            source = sources[path]
+            try:
+                source = image_io.load_image(path)
+            except image_io.UnreadableImage as error:
+                skip(error)
+                progress.total -= tiles_of.pop(path)
+                continue
             samples = upscaler.upscale(source.rgb, index, progress)
             alpha = image_io.upscale_alpha(source.alpha, upscaler.scale) if source.alpha is not None else None
             for k, sample in enumerate(samples):
@@ -163,7 +194,7 @@ def upscale_files(upscaler: Upscaler, input_spec: str, output_dir: str | Path) -
             if "_x4_std" in outputs:
                 written.append(str(image_io.save_png(outputs["_x4_std"][index], std_heat_map(samples))))
     seconds = time.perf_counter() - start
-    result = {"images": len(sources), "failed": failed, "seconds": seconds,
-              "images_per_second": len(sources) / seconds if sources else 0.0, "outputs": written}
-    logging.info("upscaled %d images in %.1f s (%.3f images/s)", len(sources), seconds, result["images_per_second"])
+    result = {"images": len(tiles_of), "failed": failed, "seconds": seconds,
+              "images_per_second": len(tiles_of) / seconds if tiles_of else 0.0, "outputs": written}
+    logging.info("upscaled %d images in %.1f s (%.3f images/s)", len(tiles_of), seconds, result["images_per_second"])
     return result
