@@ -105,3 +105,21 @@ def test_the_latest_and_the_best_by_validation_elbo_are_kept(tmp_path):
         ckpts.save(step, _state(2, step), val_elbo)
     ckpts.close()
     assert TrainCheckpoints(tmp_path / "ckpts", keep=2).manager.all_steps() == [2, 5, 6]
+
+
+def test_a_failed_write_is_one_error_naming_the_checkpoints_a_rerun_resumes_from(tmp_path, monkeypatch):
+    """Orbax's background write errors surface at the next save or at close, as any exception type."""
+    ckpts = TrainCheckpoints(tmp_path / "ckpts", keep=3)
+    assert ckpts.save(1, _state(8, 1))
+
+    def full_disk(*args, **kwargs):
+        raise ValueError('RESOURCE_EXHAUSTED: Failed writing: "ckpts/2.orbax-checkpoint-tmp/d/0": No space left on '
+                         "device [os_error_code='28']")
+
+    monkeypatch.setattr(ckpts.manager, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"saving a checkpoint in \S*ckpts failed \(the disk is full\); the "
+                       r"complete checkpoints are steps 1: free some space and rerun to resume from step 1$"):
+        ckpts.save(2, _state(8, 2))
+    monkeypatch.setattr(ckpts.manager, "wait_until_finished", full_disk)
+    ckpts.close()  # the failure was raised already: closing does not raise it again
+    assert TrainCheckpoints(tmp_path / "ckpts", keep=3).manager.all_steps() == [1]

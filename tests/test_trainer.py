@@ -115,6 +115,42 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_training_resumes_from_the_
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
 
 
+FULL_DISK = """
+set -e
+mount -t tmpfs -o size=2000k tmpfs "$1"
+status=0
+"$2" "$3" "$1/run" 6 8 1 > "$4/full.log" 2>&1 || status=$?
+echo "$status" > "$4/full.status"
+mount -o remount,size=8m "$1"
+"$2" "$3" "$1/run" 6 8 1 > "$4/resumed.log" 2>&1
+cp "$1/run/final.npz" "$4/"
+"""
+
+
+def test_a_full_disk_stops_training_in_one_line_and_a_rerun_with_space_resumes(tmp_path, subprocess_env, straight):
+    """A 2 MB tmpfs in a private mount namespace; then more space, and the same command again."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs `unshare -rm` (user and mount namespaces) to mount a small tmpfs")
+    (tmp_path / "disk").mkdir()
+    script = [str(tmp_path / "disk"), sys.executable, str(SCRIPT), str(tmp_path)]
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK, "full_disk", *script], env=subprocess_env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr + (tmp_path / "resumed.log").read_text()[-3000:]
+    full = (tmp_path / "full.log").read_text()
+    assert int((tmp_path / "full.status").read_text()) == 1
+    found = re.search(r"CheckpointError: the disk holding \S*run/checkpoints has [\d.]+ MiB free and a checkpoint "
+                      r"needs up to [\d.]+ MiB; the complete checkpoints are steps (\d), (\d), (\d): free some space "
+                      r"and rerun to resume from step (\d)\n", full)
+    assert found, full[-3000:]
+    steps = [int(s) for s in found.groups()]
+    assert steps[1:3] == [steps[0] + 1, steps[0] + 2] and steps[3] == steps[2] < 6
+    assert "Exception ignored" not in full and "RESOURCE_EXHAUSTED" not in full and full.count("Traceback") == 1
+    resumed = _final(tmp_path)
+    assert int(resumed["step"]) == 6
+    for key in straight:
+        np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+
+
 def test_sigterm_saves_and_stops(tmp_path, subprocess_env):
     process = _start(subprocess_env, tmp_path, 500, 8)
     _wait_for_step(tmp_path, 2, process)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
@@ -103,6 +104,7 @@ class TrainCheckpoints:
         ])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         self.directory = Path(directory).absolute()
+        self.failed = False
         self.manager = ocp.CheckpointManager(self.directory, options=options,
                                              item_handlers=ocp.StandardCheckpointHandler())
 
@@ -113,10 +115,43 @@ class TrainCheckpoints:
             logging.error("step %d: the training state holds NaN or inf values; not saved, so the last good "
                           "checkpoint in %s stays", step, self.directory)
             return False
+        self._check_free_space(state)
         metrics = None if val_elbo is None else {"val_elbo": float(val_elbo)}
-        self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
-                          custom_metadata={"arrays": record})
+        try:  # this also waits for the previous save, whose write errors surface here
+            self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+                              custom_metadata={"arrays": record})
+        except Exception as error:  # noqa: BLE001 - orbax and tensorstore report write failures as any type
+            raise self._write_failure(error) from error
         return True
+
+    def _check_free_space(self, state) -> None:
+        """Stops before a save that the disk may not hold: one written halfway fails in orbax's threads, and
+        TensorBoard's and the metrics' writes fail after it."""
+        needed = sum(x.nbytes for x in jax.tree_util.tree_leaves(state)) + 2**20  # arrays before compression
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            self.failed = True
+            raise CheckpointError(
+                f"the disk holding {self.directory} has {free / 2**20:.1f} MiB free and a checkpoint needs up to "
+                f"{needed / 2**20:.1f} MiB; {self._resume_hint('free some space')}")
+
+    def _resume_hint(self, fix: str) -> str:
+        steps = sorted(self.manager.all_steps())
+        if not steps:
+            return f"{fix} and rerun; no checkpoint has been written yet"
+        return (f"the complete checkpoints are steps {', '.join(map(str, steps))}: {fix} and rerun to resume from "
+                f"step {steps[-1]}")
+
+    def _write_failure(self, error: Exception) -> CheckpointError:
+        """A one-line error for a failed save: why, and which complete checkpoints a rerun resumes from."""
+        self.failed = True
+        full = "No space left on device" in str(error)
+        with contextlib.suppress(Exception):  # saves still in flight: the one that failed fails again here
+            self.manager.wait_until_finished()
+        self.manager.reload()
+        return CheckpointError(f"saving a checkpoint in {self.directory} failed "
+                               f"({'the disk is full' if full else _first_line(error)}); "
+                               + self._resume_hint("free some space" if full else "fix that"))
 
     def restore_latest(self, abstract_state, set_aside: Path | None = None):
         """The newest state, placed like `abstract_state` (arrays or ShapeDtypeStructs), that reads back as saved
@@ -186,8 +221,13 @@ class TrainCheckpoints:
         return f"moved to {destination}"
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save; its failure is raised, unless a failed save has been raised already."""
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        except Exception as error:  # noqa: BLE001 - as in `save`
+            if not self.failed:
+                raise self._write_failure(error) from error
 
 
 def _misfits(saved: dict[str, dict], target) -> str:

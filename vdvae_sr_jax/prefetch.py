@@ -33,10 +33,12 @@ def _put(buffer: queue.Queue, entry, closed: threading.Event) -> bool:
 
 
 def prefetch(items: Iterator[T], size: int = 2) -> Iterator[T]:
-    """`items` in order, with up to `size` of them built ahead by a background thread; its errors re-raise here."""
+    """`items` in order, with up to `size` of them built ahead by a background thread; its errors re-raise here.
+    Closing the iterator waits for the item being built."""
     buffer: queue.Queue = queue.Queue(maxsize=size)
     closed = threading.Event()
-    threading.Thread(target=_produce, args=(items, buffer, closed), daemon=True).start()
+    producer = threading.Thread(target=_produce, args=(items, buffer, closed), daemon=True)
+    producer.start()
     try:
         while True:
             item, error = buffer.get()
@@ -47,3 +49,4 @@ def prefetch(items: Iterator[T], size: int = 2) -> Iterator[T]:
             yield item
     finally:
         closed.set()
+        producer.join()  # a thread killed inside XLA at interpreter exit aborts the process

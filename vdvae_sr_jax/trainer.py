@@ -178,14 +178,27 @@ def run(config, workdir: Path) -> dict:
                 logging.warning("stopped by signal %d at step %d; a checkpoint was saved", stop["signal"], step)
                 break
         bar.close()
-    finally:
+    except BaseException:
+        _close_quietly(batches, ckpts, reporter)  # the error that stopped training is the one to report
+        raise
+    else:
         batches.close()
         ckpts.close()
         reporter.close()
+    finally:
         signal.signal(signal.SIGTERM, previous)
     return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": log.first_elbo,
             "last_logged_elbo": log.last_elbo, "skipped_updates": int(state.skipped),
             "stopped": stop["signal"] is not None}
+
+
+def _close_quietly(*resources) -> None:
+    """Closes each of `resources`, logging rather than raising what fails (on a full disk, every write does)."""
+    for resource in resources:
+        try:
+            resource.close()
+        except Exception as error:  # noqa: BLE001 - secondary to the error being raised
+            logging.debug("closing %s failed: %s", type(resource).__name__, error)
 
 
 class _TrainLog:
