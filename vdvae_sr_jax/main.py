@@ -11,8 +11,8 @@
 Rerunning `train` with the same workdir resumes from its latest checkpoint. `evaluate`, `sample` and
 `upscale` use the newest checkpoint in the workdir, else `config.checkpoint` (a converted model).
 A `--config=configs/<name>.py` that the working directory lacks is the installed project's config of that name,
-so these commands also run from other directories after `pip install`. `--library_logs` shows JAX's and orbax's
-INFO logs.
+so these commands also run from other directories after `pip install`. `--library_logs` shows JAX's INFO logs
+and orbax's logs. An error is one line; VDVAE_SR_TRACEBACK=1 shows its traceback.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdvae_sr_jax import checkpoint, cli, data, evaluate, sr_eval, trainer, upscale
+from vdvae_sr_jax import checkpoint, cli, config_check, data, evaluate, sr_eval, trainer, upscale
 from vdvae_sr_jax.model import VDVAESR, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file in configs/.")
@@ -103,31 +103,27 @@ def upscale_images(config, model, params) -> dict:
     return upscale.upscale_files(upscaler, _INPUT.value, _OUTPUT.value)
 
 
+@cli.one_line_errors
 def main(argv) -> None:
     del argv
     cli.quiet_libraries()
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
+    config_check.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)
     use_compilation_cache(config.compilation_cache)
     model = model_from_config(config)
     if _MODE.value == "train":
-        try:
-            result = trainer.run(config, workdir)
-        except (FileNotFoundError, ImportError) as error:  # a missing dataset or optional extra: one clear line
-            raise SystemExit(str(error)) from None
+        result = trainer.run(config, workdir)
     else:
         forward_model = model.clone(scan_unroll=1)  # evaluation and sampling: the rolled loop compiles fastest
         params = trained_params(config, model, workdir)
         run_mode = {"evaluate": evaluate_model, "sample": sample_model}.get(_MODE.value)
-        try:
-            if run_mode is not None:
-                result = run_mode(config, forward_model, params, workdir)
-            else:
-                result = upscale_images(config, forward_model, params)
-        except (FileNotFoundError, ImportError) as error:  # a missing file, folder or extra: one clear line
-            raise SystemExit(str(error)) from None
+        if run_mode is not None:
+            result = run_mode(config, forward_model, params, workdir)
+        else:
+            result = upscale_images(config, forward_model, params)
     (workdir / f"{_MODE.value}_result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

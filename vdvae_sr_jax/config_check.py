@@ -1,0 +1,114 @@
+"""Checks a config's values before anything runs, so that an impossible value is one error naming its key rather
+than a run that trains nothing, divides by zero or scans the wrong folder."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+
+class ConfigError(ValueError):
+    """Config values that cannot work; the message names each key, its value and what it must be."""
+
+
+def _whole(low: int) -> tuple[Callable[[Any], bool], str]:
+    return lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= low, \
+        f"a whole number of at least {low}"
+
+
+def _number(low: float, high: float = np.inf, *, open_low: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(v) -> bool:
+        return (isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v)
+                and (v > low if open_low else v >= low) and v <= high)
+
+    bound = f"above {low:g}" if open_low else f"at least {low:g}"
+    return ok, f"a number {bound}" + (f" and at most {high:g}" if np.isfinite(high) else "")
+
+
+def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
+    return lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _temperatures(v) -> bool:
+    values = np.atleast_1d(np.asarray(v, dtype=object))
+    return values.size > 0 and all(_number(0.0)[0](t) for t in values)
+
+
+# Key -> (test, what the value must be). Keys a config lacks are skipped: older configs and other models.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.width": _whole(1),
+    "model.zdim": _whole(1),
+    "model.image_size": _whole(1),
+    "model.lr_image_size": _whole(1),
+    "data.source": _one_of("embedded", "folder", "tfds"),
+    "data.preprocess": _one_of("crops", "thesis"),
+    "data.downscale": _one_of("matlab", "pil"),
+    "data.eval_images": _whole(1),
+    "train.steps": _whole(1),
+    "train.batch_size_per_device": _whole(1),
+    "train.steps_per_epoch": _whole(1),
+    "train.log_every": _whole(1),
+    "train.checkpoint_every": _whole(1),
+    "train.keep_checkpoints": _whole(1),
+    "train.sample_every": _whole(0),
+    "train.skip_warning_steps": _whole(1),
+    "train.warmup_iters": _whole(0),
+    "train.lr": _number(0.0, open_low=True),
+    "train.wd": _number(0.0),
+    "train.grad_clip": _number(0.0, open_low=True),
+    "train.ema_rate": _number(0.0, 1.0),
+    "train.adam_beta1": _number(0.0, 1.0),
+    "train.adam_beta2": _number(0.0, 1.0),
+    "train.adam_eps": _number(0.0),
+    "sample.num": _whole(1),
+    "sample.temperatures": (_temperatures, "one or more numbers of at least 0"),
+    "upscale.temperature": (_temperatures, "a number of at least 0, or one per layer"),
+    "upscale.num_samples": _whole(1),
+    "upscale.overlap": _whole(0),
+    "upscale.batch_per_device": _whole(1),
+    "upscale.max_pixels": _whole(0),
+    "evaluate.temperatures": (_temperatures, "one or more numbers of at least 0"),
+    "evaluate.num_samples": _whole(1),
+    "evaluate.max_images": _whole(0),
+    "compute_dtype": _one_of("float32", "bfloat16", "float16"),
+    "scan_unroll": _whole(1),
+}
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def problems(config) -> list[str]:
+    """Each impossible value of `config` as 'KEY=VALUE: must be ...'; besides the table, cross-field rules."""
+    found = []
+    for key, (ok, must) in RULES.items():
+        value = _get(config, key)
+        if value is not _MISSING and not ok(value):
+            found.append(f"{key}={value!r}: must be {must}")
+    if _get(config, "data.source") == "folder" and not _get(config, "data.folder"):
+        found.append("data.folder='': data.source='folder' needs the folder of training images "
+                     "(--config.data.folder=DIR)")
+    skip = _get(config, "train.skip_threshold")
+    if skip is not _MISSING and not (skip == -1 or _number(0.0, open_low=True)[0](skip)):
+        found.append(f"train.skip_threshold={skip!r}: must be above 0, or -1 to never skip")
+    tile, overlap = _get(config, "model.lr_image_size"), _get(config, "upscale.overlap")
+    if isinstance(tile, int) and isinstance(overlap, int) and not overlap < tile:
+        found.append(f"upscale.overlap={overlap!r}: must be less than the LR tile, model.lr_image_size={tile}")
+    return found
+
+
+def validate(config) -> None:
+    """Raises a ConfigError naming every impossible value of `config`, in one line."""
+    found = problems(config)
+    if found:
+        raise ConfigError(f"invalid config ({len(found)} value{'s' if len(found) > 1 else ''}): " + "; ".join(found))
