@@ -97,5 +97,28 @@ def test_dmol_sample_histogram_matches_probabilities():
     assert 0.5 * np.abs(counts - np.diff(cdf)).sum() < 0.01
 
 
+def test_dmol_mean_matches_a_plain_transcription_and_the_mean_of_samples():
+    nr_mix = 4
+    logits = np.asarray(_random_logits(jax.random.key(3), (2, 3), nr_mix), np.float64)
+    params = logits[..., nr_mix:].reshape(2, 3, 3, 3 * nr_mix)  # a view: per channel, means, log-scales, coeffs
+    params[..., :nr_mix] *= 0.3  # means and scales well inside (-1, 1): clipping hardly moves the samples' mean
+    params[..., nr_mix : 2 * nr_mix] = -3.0
+    mean = np.asarray(D.dmol_mean(jnp.asarray(logits, jnp.float32)))
+    expected = np.zeros((2, 3, 3))
+    for idx in np.ndindex(2, 3):
+        pi = np.exp(logits[idx][:nr_mix] - logsumexp(logits[idx][:nr_mix]))
+        p = logits[idx][nr_mix:].reshape(3, 3 * nr_mix)
+        mu, c = p[:, :nr_mix], np.tanh(p[:, 2 * nr_mix:])
+        for k in range(nr_mix):
+            r = mu[0, k]
+            g = mu[1, k] + c[0, k] * r
+            b = mu[2, k] + c[1, k] * r + c[2, k] * g
+            expected[idx] += pi[k] * np.array([r, g, b])
+    np.testing.assert_allclose(mean, np.clip(expected, -1, 1), atol=1e-6)
+    keys = jax.random.split(jax.random.key(4), 20_000)
+    draws = jax.vmap(lambda k: D.dmol_sample(k, jnp.asarray(logits[None], jnp.float32))[0])(keys)
+    np.testing.assert_allclose(np.asarray(draws).mean(0), mean, atol=0.02)
+
+
 def test_to_uint8_truncates_like_official():
     assert np.asarray(D.to_uint8(jnp.array([-1.0, 0.0, 1.0, 2.0]))).tolist() == [0, 127, 255, 255]
