@@ -1,5 +1,6 @@
 """`python -m convert.vdvae`: the checkpoint converter's command line, as the README runs it from the repository
-root. The conversion lives in `vdvae_sr_jax.convert`, which also runs as `python -m vdvae_sr_jax.convert`."""
+root: an official VDVAE file, or with --lr_input the thesis' HR and LR pair for a VDVAE-SR config. The conversion
+lives in `vdvae_sr_jax.convert`, which also runs as `python -m vdvae_sr_jax.convert`."""
 
 from vdvae_sr_jax.convert import run_cli
 

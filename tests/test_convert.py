@@ -12,9 +12,16 @@ from conftest import assert_close, load_reference, reference_dir
 
 from configs.demo_vdvae import get_config
 from vdvae_sr_jax.checkpoint import load_params
-from vdvae_sr_jax.convert import convert_state_dict, convert_to_orbax, torch_keys
+from vdvae_sr_jax.convert import (
+    TRACEBACK_ENV,
+    ConversionError,
+    convert_state_dict,
+    convert_to_orbax,
+    one_line_errors,
+    torch_keys,
+)
 from vdvae_sr_jax.model import init_params, model_from_hparams
-from vdvae_sr_jax.torch_reader import UnsafeCheckpointError, load_state_dict
+from vdvae_sr_jax.torch_reader import CheckpointFormatError, UnsafeCheckpointError, load_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,3 +122,108 @@ def test_encoder_only_export(tmp_path):
     hparams, ref = load_reference("vdvae_tiny")
     acts = model_from_hparams(hparams).apply({"params": params}, ref["input"], method="encode")
     assert_close(acts[4], ref["enc_act_4"], 1e-5, "enc_act_4")
+
+
+def test_one_missing_key_of_a_scanned_run_is_one_fault(tiny):
+    """decoder.dec_blocks.3 is the middle of the scanned run 2..4: its siblings' keys are used, not unexpected."""
+    state_dict, template = tiny
+    bad = {k: v for k, v in state_dict.items() if k != "decoder.dec_blocks.3.prior.c2.weight"}
+    with pytest.raises(ConversionError) as error:
+        convert_state_dict(bad, template, source="bad.th")
+    assert str(error.value).splitlines() == [
+        "bad.th does not match the config:",
+        "  missing key 'decoder.dec_blocks.3.prior.c2.weight'",
+        "1 missing, 0 unexpected, 0 mis-shaped: is --config the model this file was saved from?",
+    ]
+
+
+def test_many_faults_give_a_short_report_and_their_counts(tiny):
+    state_dict, template = tiny
+    keys = sorted(state_dict)
+    bad = {k: v for k, v in state_dict.items() if k not in keys[:8]}
+    bad |= {f"extra.{i}": np.zeros(1, np.float32) for i in range(242)}
+    bad |= {k: np.zeros((3, 3), np.float32) for k in keys[8:12]}
+    with pytest.raises(ConversionError) as error:
+        convert_state_dict(bad, template, source="bad.th")
+    lines = str(error.value).splitlines()
+    assert lines[-1] == "8 missing, 242 unexpected, 4 mis-shaped: is --config the model this file was saved from?"
+    assert len(lines) == 1 + 6 + 4 + 6 + 1
+    assert "  ... and 3 more missing keys" in lines and "  ... and 237 more unexpected keys" in lines
+    assert f"  missing key {keys[0]!r}" in lines and "  unexpected key 'extra.0'" in lines
+
+
+def test_wrong_config_gives_a_short_report(tmp_path):
+    """The sr_tiny HR model (64x64, its own blocks, gates) against the demo VDVAE config (32x32)."""
+    source = reference_dir("sr_tiny") / "hr_model.th"
+    with pytest.raises(ConversionError) as error:
+        convert_to_orbax(get_config(), source, tmp_path / "out")
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{source} does not match the config:" and len(lines) == 16
+    assert lines[-1] == "24 missing, 14 unexpected, 2 mis-shaped: is --config the model this file was saved from?"
+    assert "  unexpected key 'decoder.dec_blocks.0.gate_param'" in lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_module_prefix_beside_the_plain_key_is_refused(tiny):
+    state_dict, template = tiny
+    both = {**state_dict, "module.decoder.gain": state_dict["decoder.gain"] + 1}
+    with pytest.raises(ConversionError) as error:
+        convert_state_dict(both, template, source="both.th")
+    assert str(error.value) == ("both.th holds both 'module.decoder.gain' and 'decoder.gain'; it is unclear which "
+                                "to convert")
+
+
+def test_existing_output_is_refused_before_the_input_is_read(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("good")
+    with pytest.raises(FileExistsError) as error:
+        convert_to_orbax(get_config(), tmp_path / "absent.th", out)
+    assert str(error.value) == f"{out} already exists; choose a new output directory or remove it"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "good"
+
+
+def _corrupt(tmp_path):
+    path = tmp_path / "corrupt.th"
+    path.write_bytes(b"PK\x03\x04" + bytes(60))
+    return path
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda tmp: tmp / "absent.th", "no checkpoint file at {input}"),
+    (lambda tmp: tmp, "no checkpoint file at {input} (it is a directory)"),
+    (_corrupt, "{input}: damaged zip archive: its central directory is missing (truncated?)"),
+])
+def test_user_errors_end_in_one_line(tmp_path, monkeypatch, make, expected):
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    source = make(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        with one_line_errors():
+            convert_to_orbax(get_config(), source, tmp_path / "out")
+    assert exit_.value.code == expected.format(input=source)
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_and_foreign_errors_in_one_line_and_traceback_on_request(tmp_path, monkeypatch):
+    evil = tmp_path / "evil.th"
+    evil.write_bytes(b"\x80\x02cposix\nsystem\n.")
+    with pytest.raises(SystemExit) as exit_, one_line_errors():
+        load_state_dict(evil)
+    assert exit_.value.code == (f"refusing to load {evil}: it references posix.system, which is not a tensor or a "
+                                "container; only plain state dicts are accepted")
+    with pytest.raises(ZeroDivisionError), one_line_errors():  # a bug is not a user error: its traceback shows
+        print(1 / 0)
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(CheckpointFormatError), one_line_errors():
+        load_state_dict(_corrupt(tmp_path))
+
+
+def test_cli_prints_one_line_and_fails(tmp_path, subprocess_env):
+    source = _corrupt(tmp_path)
+    env = {k: v for k, v in subprocess_env.items() if k != TRACEBACK_ENV}
+    run = subprocess.run([sys.executable, "-m", "convert.vdvae", "--config=configs/demo_vdvae.py", f"--input={source}",
+                          f"--output={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.strip().splitlines()[-1] == f"{source}: damaged zip archive: its central directory is missing " \
+                                                  "(truncated?)"
+    assert "Traceback" not in run.stderr and not (tmp_path / "out").exists()

@@ -1,5 +1,5 @@
 """Hostile and damaged checkpoint files: each is refused by name, in one line, quickly and with little memory, before
-any storage is inflated, and the file is left as it was."""
+any storage is inflated; nothing is written and the file is left as it was."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ import zipfile
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from conftest import reference_dir
 from test_torch_reader import _global, _str, _tuple
 
+from configs.demo_vdvae import get_config
+from vdvae_sr_jax.convert import ConversionError, convert_file, convert_to_orbax
+from vdvae_sr_jax.model import init_params, model_from_hparams
 from vdvae_sr_jax.torch_reader import CheckpointFormatError, UnsafeCheckpointError, load_state_dict, open_checkpoint
 
+BOMB_BYTES = 565_000_000 * 4  # 2.26 GB of float32 zeros, deflated to about 2.2 MB
 MAX_SECONDS = 2.0
 MAX_PEAK_BYTES = 16 * 2**20
 
@@ -63,6 +68,39 @@ def _stored(data: bytes) -> tuple[int, bytes, int, int]:
     return zipfile.ZIP_STORED, data, len(data), zlib.crc32(data)
 
 
+@pytest.fixture(scope="module")
+def deflated_zeros() -> tuple[int, bytes, int, int]:
+    """BOMB_BYTES zeros as a deflated member: one fully flushed 1 MiB block repeated, then a final block."""
+    chunk = bytes(2**20)
+    block = zlib.compressobj(9, zlib.DEFLATED, -15)
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    crc = 0
+    for _ in range(BOMB_BYTES // len(chunk)):
+        crc = zlib.crc32(chunk, crc)
+    rest = bytes(BOMB_BYTES % len(chunk))
+    data = (block.compress(chunk) + block.flush(zlib.Z_FULL_FLUSH)) * (BOMB_BYTES // len(chunk))
+    return zipfile.ZIP_DEFLATED, data + tail.compress(rest) + tail.flush(), BOMB_BYTES, zlib.crc32(rest, crc)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The vdvae_tiny state dict and the template of the demo config (its architecture)."""
+    model = model_from_hparams(get_config().model)
+    return load_state_dict(reference_dir("vdvae_tiny") / "model.th"), jax.eval_shape(lambda: init_params(model))
+
+
+def _tiny_with(path: Path, state_dict: dict[str, np.ndarray], views: dict[str, bytes] | None = None,
+               records: dict[str, tuple] | None = None) -> Path:
+    """vdvae_tiny as a torch.save-like zip (a storage per tensor), with `views` replacing or adding tensors and
+    `records` adding storage records."""
+    tensors = {key: _view(str(i), a.size, 0, a.shape, tuple(s // 4 for s in a.strides))
+               for i, (key, a) in enumerate(state_dict.items())}
+    members = {"archive/data.pkl": _stored(_state_dict_pickle({**tensors, **(views or {})})),
+               "archive/byteorder": _stored(b"little")}
+    members |= {f"archive/data/{i}": _stored(a.astype("<f4").tobytes()) for i, a in enumerate(state_dict.values())}
+    return _write_zip(path, members | {f"archive/data/{k}": v for k, v in (records or {}).items()})
+
+
 def _refused_quickly(error_type, call):
     """Run `call`, which must raise `error_type`; returns the message, after checking time and peak memory."""
     tracemalloc.start()
@@ -79,6 +117,54 @@ def _refused_quickly(error_type, call):
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_deflate_bomb_with_a_parameter_name_is_refused_by_its_shape(tmp_path, tiny, deflated_zeros):
+    state_dict, template = tiny
+    numel = BOMB_BYTES // 4
+    path = _tiny_with(tmp_path / "bomb.th", state_dict, {"decoder.gain": _view("bomb", numel, 0, (numel,), (1,))},
+                      {"bomb": deflated_zeros})
+    assert path.stat().st_size < 4 * 2**20
+    message = _refused_quickly(ConversionError, lambda: convert_file(path, template))
+    assert "key 'decoder.gain' has shape (565000000,)" in message and "needs (1, 1, 1, 32)" in message
+    assert message.splitlines()[-1].startswith("0 missing, 0 unexpected, 1 mis-shaped:")
+
+
+def test_deflate_bomb_under_an_extra_key_is_never_inflated(tmp_path, tiny, deflated_zeros):
+    state_dict, template = tiny
+    numel = BOMB_BYTES // 4
+    path = _tiny_with(tmp_path / "bomb.th", state_dict, {"extra": _view("bomb", numel, 0, (numel,), (1,))},
+                      {"bomb": deflated_zeros})
+    message = _refused_quickly(ConversionError, lambda: convert_file(path, template))
+    assert "unexpected key 'extra'" in message
+    assert message.splitlines()[-1].startswith("0 missing, 1 unexpected, 0 mis-shaped:")
+
+
+def test_deflate_bomb_behind_a_right_shaped_tensor_is_read_only_as_far_as_used(tmp_path, tiny, deflated_zeros):
+    """A 32-element gain viewing the start of a 2.26 GB storage: 128 bytes are inflated, not the storage."""
+    state_dict, template = tiny
+    path = _tiny_with(tmp_path / "bomb.th", state_dict,
+                      {"decoder.gain": _view("bomb", BOMB_BYTES // 4, 0, (1, 32, 1, 1), (32, 1, 1, 1))},
+                      {"bomb": deflated_zeros})
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        params = convert_file(path, template)
+        seconds, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert seconds < 2 * MAX_SECONDS and peak < 4 * sum(a.nbytes for a in state_dict.values()), (seconds, peak)
+    np.testing.assert_array_equal(params["decoder"]["gain"], np.zeros((1, 1, 1, 32), np.float32))
+    np.testing.assert_array_equal(params["decoder"]["bias"][0, 0, 0], state_dict["decoder.bias"][0, :, 0, 0])
+
+
+def test_deflate_bomb_writes_no_output(tmp_path, tiny, deflated_zeros):
+    path = _tiny_with(tmp_path / "bomb.th", tiny[0], {"extra": _view("bomb", BOMB_BYTES // 4, 0, (9,), (1,))},
+                      {"bomb": deflated_zeros})
+    before = _digest(path)
+    with pytest.raises(ConversionError, match="unexpected key 'extra'"):
+        convert_to_orbax(get_config(), path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _digest(path) == before
 
 
 @pytest.mark.parametrize("name, view, record, expected", [
