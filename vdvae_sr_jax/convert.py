@@ -19,11 +19,10 @@ shows the traceback instead.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -34,13 +33,12 @@ from ml_collections import config_flags
 from vdvae_sr_jax import cli
 from vdvae_sr_jax.checkpoint import load_params, save_params
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_hparams
-from vdvae_sr_jax.torch_reader import CheckpointFormatError, UnsafeCheckpointError, open_checkpoint
+from vdvae_sr_jax.torch_reader import open_checkpoint
 
 _RUN = re.compile(r"^(enc_blocks|dec_blocks)_(\d+)_(\d+)$")
 _INDEXED = re.compile(r"^(enc_blocks|dec_blocks|bias_xs)_(\d+)$")
 _LEAF = {"kernel": "weight", "bias": "bias", "gate": "gate_param"}
 _LINES_PER_FAULT = 5  # of each kind in a report; the summary counts them all
-TRACEBACK_ENV = "VDVAE_SR_TRACEBACK"
 
 
 class ConversionError(ValueError):
@@ -220,24 +218,12 @@ def convert_to_orbax(config, source: str | os.PathLike[str], output: str | os.Pa
     return save_params(output, params, metadata)
 
 
-@contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Ends the command on a user error (a file, its content or the config) with its message alone and exit status 1,
-    unless VDVAE_SR_TRACEBACK (set, not 0) asks for the traceback."""
-    try:
-        yield
-    except (OSError, ImportError, CheckpointFormatError, UnsafeCheckpointError, ConversionError) as error:
-        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
-            raise
-        raise SystemExit(str(error)) from None
-
-
+@cli.one_line_errors
 def _main(argv) -> None:
     del argv
     cli.quiet_libraries()
     flag = flags.FLAGS
-    with one_line_errors():
-        path = convert_to_orbax(flag.config, flag.input, flag.output, flag.encoder_only, flag.lr_input)
+    path = convert_to_orbax(flag.config, flag.input, flag.output, flag.encoder_only, flag.lr_input)
     n = sum(x.size for x in jax.tree_util.tree_leaves(load_params(path)[0]))
     sources = flag.input if flag.lr_input is None else f"{flag.input} and {flag.lr_input}"
     print(f"wrote {n:,} parameters from {sources} to {path}")
