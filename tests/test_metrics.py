@@ -66,9 +66,30 @@ def test_lr_consistency_of_bicubic_is_high_and_falls_with_noise():
     assert metrics.lr_consistency(noisy, lr, 4) < metrics.lr_consistency(sr, lr, 4) - 3
 
 
-def test_diversity_is_the_mean_per_pixel_std():
+def test_pixel_std_is_the_mean_per_pixel_std():
     samples = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (10, 20, 30)])
-    assert metrics.diversity(samples) == pytest.approx(np.std([10, 20, 30]))
-    assert metrics.diversity(np.stack([samples[0], samples[0]])) == 0.0
-    with pytest.raises(ValueError, match="at least 2"):
-        metrics.diversity(samples[:1])
+    assert metrics.pixel_std(samples) == pytest.approx(np.std([10, 20, 30]))
+    assert metrics.pixel_std(np.stack([samples[0], samples[0]])) == 0.0
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.pixel_std(samples[:1])
+
+
+def test_the_ntire_diversity_score_on_maps_with_known_answers():
+    """The challenge's formula, (min_s mean LPIPS_s - mean_pixels min_s LPIPS_s) / min_s mean LPIPS_s * 100, on
+    maps whose answer is worked out by hand."""
+    one_best = np.stack([np.full((4, 6), 0.2), np.full((4, 6), 0.3), np.full((4, 6), 0.5)])
+    assert metrics.diversity_score(one_best) == 0.0
+    # Each of two samples is 0.1 on its own half and 0.5 on the other: both mean 0.3, the per-pixel best 0.1.
+    left, right = np.full((4, 6), 0.5), np.full((4, 6), 0.5)
+    left[:, :3], right[:, 3:] = 0.1, 0.1
+    assert metrics.diversity_score(np.stack([left, right])) == pytest.approx((0.3 - 0.1) / 0.3 * 100)
+    # A third sample, better on average (0.25) but never best at a pixel: the global best changes, the local not.
+    third = np.full((4, 6), 0.25)
+    assert metrics.diversity_score(np.stack([left, right, third])) == pytest.approx((0.25 - 0.1) / 0.25 * 100)
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(0.05, 0.6, size=(10, 8, 8))
+    means = [m.mean() for m in maps]
+    local = np.mean([[min(m[i, j] for m in maps) for j in range(8)] for i in range(8)])
+    assert metrics.diversity_score(maps) == pytest.approx((min(means) - local) / min(means) * 100, rel=1e-12)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        metrics.diversity_score(maps[:1])

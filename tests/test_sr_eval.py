@@ -37,7 +37,7 @@ def test_an_external_folder_sits_beside_bicubic(tmp_path):
     assert summary["bicubic"]["psnr_y"] == pytest.approx(expected)
     assert summary["Noisy"]["psnr_y"] < summary["bicubic"]["psnr_y"] - 1
     assert summary["Noisy"]["ssim_y"] < summary["bicubic"]["ssim_y"]
-    assert "lpips" not in summary["bicubic"] and "diversity" not in summary["bicubic"]
+    assert "lpips" not in summary["bicubic"] and "pixel_std" not in summary["bicubic"]
 
     md, csv_path = sr_eval.write_tables(summary, tmp_path / "tables" / "photos_whole", "photos", ["LPIPS: none"])
     text = md.read_text()

@@ -1,5 +1,5 @@
 """Image metrics with the SR literature's conventions: PSNR and SSIM on the BT.601 luma channel with a cropped
-border, LR consistency, and the diversity of samples."""
+border, LR consistency, and the diversity of samples (the NTIRE 2021 SR-space score, and the per-pixel spread)."""
 
 from __future__ import annotations
 
@@ -46,8 +46,20 @@ def lr_consistency(sr_uint8: np.ndarray, lr_uint8: np.ndarray, factor: int) -> f
     return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
 
-def diversity(samples_uint8: np.ndarray) -> float:
+def pixel_std(samples_uint8: np.ndarray) -> float:
     """Mean per-pixel standard deviation (0-255 scale) across SR samples [S, H, W, 3] of one LR image."""
     if len(samples_uint8) < 2:
-        raise ValueError(f"diversity needs at least 2 samples, got {len(samples_uint8)}")
+        raise ValueError(f"pixel_std needs at least 2 samples, got {len(samples_uint8)}")
     return float(samples_uint8.astype(np.float64).std(axis=0).mean())
+
+
+def diversity_score(lpips_maps: np.ndarray) -> float:
+    """The NTIRE 2021 SR-space diversity score of one image from its samples' spatial LPIPS maps [S, H, W]: how much
+    lower the LPIPS gets when each pixel may come from its best sample than from the best single sample, in percent
+    of the latter. 0 when one sample is best everywhere."""
+    if len(lpips_maps) < 2:
+        raise ValueError(f"the diversity score needs at least 2 samples, got {len(lpips_maps)}")
+    maps = np.asarray(lpips_maps, np.float64)
+    best_global = maps.mean(axis=(1, 2)).min()
+    best_local = maps.min(axis=0).mean()
+    return float((best_global - best_local) / best_global * 100.0)

@@ -17,9 +17,9 @@ from vdvae_sr_jax import data, evaluate, image_io, metrics, perceptual
 from vdvae_sr_jax.resize import bicubic_downscale, bicubic_upscale
 from vdvae_sr_jax.upscale import Settings, Upscaler
 
-COLUMNS = ("psnr_y", "ssim_y", "lpips", "lr_psnr", "diversity", "fid")
+COLUMNS = ("psnr_y", "ssim_y", "lpips", "lr_psnr", "pixel_std", "fid")
 HEADERS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "lpips": "LPIPS", "lr_psnr": "LR-PSNR (dB)",
-           "diversity": "diversity", "fid": "FID"}
+           "pixel_std": "pixel std", "fid": "FID"}
 
 
 def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
@@ -74,7 +74,7 @@ class PerceptualMetrics:
 
 
 def image_metrics(samples: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: int, perc: PerceptualMetrics) -> dict:
-    """Metrics of one image's SR samples [S, H, W, 3], averaged over samples; diversity when S >= 2."""
+    """Metrics of one image's SR samples [S, H, W, 3], averaged over samples; their spread when S >= 2."""
     out = {
         "psnr_y": np.mean([metrics.psnr_y(s, hr, scale) for s in samples]),
         "ssim_y": np.mean([metrics.ssim_y(s, hr, scale) for s in samples]),
@@ -83,7 +83,7 @@ def image_metrics(samples: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: in
     if perc.lpips_params is not None and min(hr.shape[:2]) >= 31:
         out["lpips"] = np.mean([perc.lpips(s, hr) for s in samples])
     if len(samples) > 1:
-        out["diversity"] = metrics.diversity(samples)
+        out["pixel_std"] = metrics.pixel_std(samples)
     return out
 
 
@@ -174,7 +174,7 @@ def evaluate_sr(config, model, params, images: list[tuple[str, np.ndarray]], out
 
     notes = [f"x{scale}; LR by MATLAB bicubic; Y channel (BT.601), {scale}-pixel border cropped; SSIM with an 11x11 "
              "Gaussian window (sigma 1.5); LR-PSNR: PSNR of the bicubic downscale of the output against the LR input",
-             f"model rows: the mean over {cfg.num_samples} samples per image; diversity: the mean per-pixel "
+             f"model rows: the mean over {cfg.num_samples} samples per image; pixel std: the mean per-pixel "
              "standard deviation across them (0-255)"]
     notes += [f"{name.upper()} not computed: {reason}" for name, reason in perc.missing.items()]
     result = {"dataset": config.data.dataset, "protocols": {}}
