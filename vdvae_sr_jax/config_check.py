@@ -30,6 +30,10 @@ def _one_of(*choices: str) -> tuple[Callable[[Any], bool], str]:
     return lambda v: v in choices, "one of " + ", ".join(repr(c) for c in choices)
 
 
+def _all_in(values, choices) -> bool:
+    return isinstance(values, (tuple, list)) and len(values) > 0 and all(v in choices for v in values)
+
+
 def _temperatures(v) -> bool:
     values = np.atleast_1d(np.asarray(v, dtype=object))
     return values.size > 0 and all(_number(0.0)[0](t) for t in values)
@@ -71,6 +75,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evaluate.temperatures": (_temperatures, "one or more numbers of at least 0"),
     "evaluate.num_samples": _whole(1),
     "evaluate.max_images": _whole(0),
+    "evaluate.ntire_samples": _whole(2),
+    "evaluate.back_projection_steps": _whole(0),
+    "evaluate.decodings": (lambda v: _all_in(v, ("sample", "mean", "sample+ibp", "mean+ibp")),
+                           "some of 'sample', 'mean', 'sample+ibp', 'mean+ibp'"),
+    "evaluate.protocols": (lambda v: _all_in(v, ("whole", "thesis", "ntire")), "some of 'whole', 'thesis', 'ntire'"),
     "compute_dtype": _one_of("float32", "bfloat16", "float16"),
     "scan_unroll": _whole(1),
 }
