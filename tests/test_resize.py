@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from vdvae_sr_jax.resize import bicubic_downscale, bicubic_upscale, imresize
+from vdvae_sr_jax.data import embedded_photos
+from vdvae_sr_jax.resize import _weight_matrix, bicubic_downscale, bicubic_downscale_jax, bicubic_upscale, imresize
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "matlab_imresize.npz"
 CASES = ["china_crop", "coffee_odd", "astronaut_64", "gray_camera"]
@@ -101,3 +104,22 @@ def test_constant_image_is_preserved():
     x = np.full((11, 17), 0.3)
     for scale in SCALES:
         np.testing.assert_allclose(imresize(x, scale), 0.3, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 48), (1, 37, 21)])
+def test_jax_downscale_equals_imresize_and_has_its_gradient(shape):
+    """float32 photos on 0-255 (a batch of two; odd sizes whose outputs round up) as the float64 numpy imresize;
+    the gradient of <g, down(x)> is the adjoint of the same matrices applied to g."""
+    n, h, w = shape
+    images = np.stack([p[:h, :w] for _, p in embedded_photos()[:n]]).astype(np.float32)
+    expected = imresize(images.astype(np.float64), 0.25)
+    out = jax.jit(bicubic_downscale_jax)(jnp.asarray(images))
+    assert out.shape == expected.shape and out.dtype == jnp.float32
+    err = np.abs(np.asarray(out, np.float64) - expected).max()
+    print(f"{shape}: max |jax - numpy| = {err:.2g} on 0-255")
+    assert err < 1e-4
+    g = np.random.default_rng(0).normal(size=expected.shape)
+    grad = jax.grad(lambda x: jnp.sum(bicubic_downscale_jax(x) * g))(jnp.asarray(images))
+    adjoint = np.einsum("ih,nijc,jw->nhwc", _weight_matrix(h, 0.25), g, _weight_matrix(w, 0.25))
+    np.testing.assert_allclose(np.asarray(grad), adjoint, rtol=0, atol=1e-5)
+    assert np.abs(adjoint).max() > 0.1  # a gradient that reaches the input, not one of zeros

@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from scipy import sparse
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
@@ -17,9 +20,9 @@ def _cubic(x: np.ndarray) -> np.ndarray:
     return near + far
 
 
-@lru_cache(maxsize=64)
-def _weight_matrix(n_in: int, scale: float) -> np.ndarray:
-    """Dense (ceil(n_in * scale), n_in) float64 matrix resizing one axis, antialiased and symmetrically padded."""
+def _taps(n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per output pixel of one axis, the 0-based input pixels and weights of MATLAB's antialiased, symmetrically
+    padded bicubic: arrays [ceil(n_in * scale), taps]; a mirrored pixel may appear twice in a row."""
     n_out = math.ceil(n_in * scale)
     antialias = scale < 1.0
     width = 4.0 / scale if antialias else 4.0
@@ -32,11 +35,25 @@ def _weight_matrix(n_in: int, scale: float) -> np.ndarray:
     weights /= weights.sum(axis=1, keepdims=True)
     # Symmetric padding, edge pixel repeated: 0-based -1 -> 0, -2 -> 1, n -> n-1, n+1 -> n-2.
     zero_based = (indices - 1).astype(np.int64) % (2 * n_in)
-    mirrored = np.where(zero_based < n_in, zero_based, 2 * n_in - 1 - zero_based)
-    matrix = np.zeros((n_out, n_in), dtype=np.float64)
-    np.add.at(matrix, (np.repeat(np.arange(n_out), taps), mirrored.ravel()), weights.ravel())
+    return np.where(zero_based < n_in, zero_based, 2 * n_in - 1 - zero_based), weights
+
+
+@lru_cache(maxsize=64)
+def _weight_matrix(n_in: int, scale: float) -> np.ndarray:
+    """Dense (ceil(n_in * scale), n_in) float64 matrix resizing one axis, antialiased and symmetrically padded."""
+    mirrored, weights = _taps(n_in, scale)
+    matrix = np.zeros((len(mirrored), n_in), dtype=np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(len(mirrored)), mirrored.shape[1]), mirrored.ravel()), weights.ravel())
     matrix.setflags(write=False)
     return matrix
+
+
+@lru_cache(maxsize=64)
+def sparse_weight_matrix(n_in: int, scale: float) -> sparse.csr_array:
+    """`_weight_matrix` as a sparse CSR matrix, for images too large for dense (n_out, n_in) products."""
+    mirrored, weights = _taps(n_in, scale)
+    rows = np.repeat(np.arange(len(mirrored)), mirrored.shape[1])
+    return sparse.csr_array((weights.ravel(), (rows, mirrored.ravel())), shape=(len(mirrored), n_in))
 
 
 def imresize(image: np.ndarray, scale: float) -> np.ndarray:
@@ -66,3 +83,13 @@ def bicubic_downscale(images_uint8: np.ndarray, factor: int = 4) -> np.ndarray:
 def bicubic_upscale(images_uint8: np.ndarray, factor: int = 4) -> np.ndarray:
     """The bicubic SR baseline: MATLAB bicubic enlargement of uint8 LR image(s) by `factor`."""
     return imresize(images_uint8, float(factor))
+
+
+def bicubic_downscale_jax(images: jax.Array, factor: int = 4) -> jax.Array:
+    """`imresize(images, 1 / factor)` of float images [N, H, W, C] in JAX, as two products with the same weight
+    matrices (rows, then columns): differentiable, for losses on the LR consistency of SR outputs."""
+    rows = jnp.asarray(_weight_matrix(images.shape[1], 1.0 / factor), images.dtype)
+    cols = jnp.asarray(_weight_matrix(images.shape[2], 1.0 / factor), images.dtype)
+    highest = jax.lax.Precision.HIGHEST  # float32 products on GPUs and TPUs would otherwise drop to tf32/bf16 passes
+    shrunk = jnp.einsum("ih,nhwc->niwc", rows, images, precision=highest)
+    return jnp.einsum("jw,niwc->nijc", cols, shrunk, precision=highest)
