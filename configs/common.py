@@ -42,10 +42,12 @@ def vdvae_config(
     config.sample = ml_collections.ConfigDict(dict(temperatures=(1.0, 0.9, 0.8, 0.6), num=8, injection_rows=6))
     # --mode=upscale: temperature is one number or one per layer; overlap is in LR pixels. max_pixels: the largest
     # LR image (width x height) read, checked from the file's header, 0 for no limit; the default takes a 24 MP
-    # photo, whose x4 output is 384 MP.
+    # photo, whose x4 output is 384 MP. decode: "sample" draws each pixel from the DMoL as upstream, "mean" takes
+    # its expected value (no per-pixel noise); also used by --mode=sample and --mode=evaluate of a VDVAE-SR.
+    # back_projection_steps: iterative back-projection of each whole output toward its LR input, 0 for none.
     config.upscale = ml_collections.ConfigDict(
         dict(temperature=0.1, num_samples=1, seed=0, overlap=2, batch_per_device=8, std_map=False,
-             max_pixels=25_000_000)
+             max_pixels=25_000_000, decode="sample", back_projection_steps=0)
     )
     # --mode=evaluate of a VDVAE-SR: the SR benchmark protocols ("whole", "thesis", "ntire"). A model row per
     # temperature and decoding ("sample", "mean", either with "+ibp": back-projected by back_projection_steps).

@@ -1,16 +1,18 @@
 """The model's switches: remat gives the same params, loss and gradients for more FLOPs; bfloat16 compute keeps
-the bias gradients as close to float32 as the kernels'."""
+the bias gradients as close to float32 as the kernels'; the pixel decoding of samples."""
 
 from collections import Counter
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 from tiny_training import tiny_config
 
 from vdvae_sr_jax import data, train
-from vdvae_sr_jax.model import init_params, model_from_config
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.model import VDVAE, VDVAESR, init_params, model_from_config, model_from_hparams
 
 
 def _model(**switches):
@@ -47,9 +49,14 @@ def _count_nested(fn, args) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def params():
+    """Freshly initialised params of the default model."""
+    return init_params(_model()[1], jax.random.key(3))
+
+
+@pytest.fixture(scope="module")
+def reference(params):
     """Params, and the loss, gradients, FLOPs and op counts of the default model."""
-    params = init_params(_model()[1], jax.random.key(3))
     return params, _loss_and_grads(params)
 
 
@@ -84,3 +91,46 @@ def test_bfloat16_bias_gradients_are_as_close_to_float32_as_the_kernels(referenc
     assert len(bias) > 30 and len(kernel) > 30
     assert np.median(bias) < np.median(kernel) < 0.02, summary  # 0.0025 < 0.0072 (bfloat16 sums: 0.0136)
     assert bias.max() < 0.05 and kernel.max() < 0.05, summary  # 0.016, 0.024 (bfloat16 sums: 0.31)
+
+
+def upstream_sr_sample(module, x_lr, temperature):
+    """VDVAESR.sample as it was before the decoding switch: a DMoL draw from the logits of p(z | y)'s pass."""
+    _, logits = module.generate(x_lr, temperature)
+    return D.dmol_sample(module.make_rng("sample"), logits.astype(jnp.float32))
+
+
+def without_sr_parts(tree):
+    """VDVAE-SR params as the HR VDVAE's: no LR encoder, no gates."""
+    if not isinstance(tree, dict):
+        return tree
+    return {k: without_sr_parts(v) for k, v in tree.items() if k not in ("lr_encoder", "gate")}
+
+
+def test_pixel_decoding_sample_is_upstreams_draw_and_mean_the_mixture_mean(params):
+    config, model = _model()
+    lr = data.downscale(np.stack([data.center_crop(im, 16) for _, im in data.embedded_photos()[:3]]), 4, "matlab")
+    x_lr = data.normalize(lr, config.data)[0]
+    hr_model = model_from_hparams(config.model, lr_enc_blocks="")
+    assert type(hr_model) is VDVAE
+
+    @jax.jit
+    def decoded(key):
+        def sr(method, **kwargs):
+            return model.apply({"params": params}, x_lr, 0.8, rngs={"sample": key}, method=method, **kwargs)
+
+        def prior(method, **kwargs):
+            return hr_model.apply({"params": without_sr_parts(params)}, 2, 0.8, rngs={"sample": key}, method=method,
+                                  **kwargs)
+
+        return (sr(VDVAESR.sample), sr(upstream_sr_sample), sr(VDVAESR.sample, decode="mean"),
+                D.dmol_mean(sr(VDVAESR.generate)[1]), prior(VDVAE.sample, decode="mean"),
+                D.dmol_mean(prior(VDVAE.generate)[1]))
+
+    drawn, upstream, mean, expected_mean, prior_mean, expected_prior_mean = decoded(jax.random.key(5))
+    np.testing.assert_array_equal(drawn, upstream)
+    np.testing.assert_array_equal(mean, expected_mean)
+    np.testing.assert_array_equal(prior_mean, expected_prior_mean)
+    assert np.abs(np.asarray(drawn) - np.asarray(mean)).mean() > 0.01  # per-pixel noise that the mean lacks
+    with pytest.raises(ValueError, match=r"unknown pixel decoding 'mode': use one of \('sample', 'mean'\)"):
+        jax.eval_shape(lambda: model.apply({"params": params}, x_lr, 0.8, decode="mode",
+                                           rngs={"sample": jax.random.key(0)}, method=VDVAESR.sample))

@@ -19,7 +19,10 @@ from tiny_training import tiny_config
 
 from configs.demo import get_config
 from vdvae_sr_jax import data, tiles, upscale
-from vdvae_sr_jax.model import init_params, model_from_config
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.backprojection import SUGGESTED_STEPS, back_project
+from vdvae_sr_jax.metrics import lr_consistency
+from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,11 +110,12 @@ def all_at_once(upscaler: upscale.Upscaler, lr: np.ndarray, image_index: int) ->
 
 @pytest.mark.parametrize("crop, settings", [
     ((slice(100, 103), slice(200, 211)), dict(temperature=0.5, num_samples=3, seed=3, overlap=1, batch_per_device=5)),
-    ((slice(40, 49), slice(70, 87)), dict(temperature=0.7, num_samples=1, seed=9, overlap=0, batch_per_device=2)),
+    ((slice(40, 49), slice(70, 87)), dict(temperature=0.7, num_samples=1, seed=9, overlap=0, batch_per_device=2,
+                                          decode="sample", back_projection_steps=0)),
 ])
 def test_streamed_tiles_blend_bit_identically_to_all_at_once(model_and_params, crop, settings):
     """A 3 x 11 LR crop (reflection padding, 3 samples, overlap 1: 12 tiles in batches of 5) and 9 x 17 (overlap 0:
-    15 tiles in batches of 2)."""
+    15 tiles in batches of 2; pixels sampled and no back-projection asked for by name)."""
     lr = data.embedded_photos()[1][1][crop]
     upscaler = _upscaler(model_and_params, **settings)
     streamed = upscaler.upscale(lr, image_index=4)
@@ -215,4 +219,48 @@ def test_max_pixels_comes_from_the_config_and_must_not_be_negative():
     assert config.upscale.max_pixels == 25_000_000 == upscale.Settings.from_config(config.upscale).max_pixels
     config.upscale.max_pixels = -1
     with pytest.raises(ValueError, match=r"^upscale.max_pixels must be 0 \(no limit\) or more, got -1$"):
+        upscale.Settings.from_config(config.upscale)
+
+
+def test_mean_decoding_is_the_mixture_mean_of_the_generative_pass(model_and_params):
+    """One 4 x 4 LR tile: 'mean' gives to_uint8(dmol_mean(logits)) of the pass drawn with the tile's key; at
+    temperature 0 (z the prior's mean) it is the same for every seed, where 'sample' still differs pixel by pixel."""
+    config, model, params = model_and_params
+    lr = data.embedded_photos()[1][1][60:64, 90:94]
+    upscaler = _upscaler(model_and_params, temperature=0.7, seed=2, decode="mean")
+    generate = jax.jit(lambda x, key: model.apply({"params": params}, x, upscaler.temperature, rngs={"sample": key},
+                                                  method=VDVAESR.generate)[1])
+    logits = generate(data.normalize(lr[None], config.data)[0], upscaler._keys(0, 1)[0])
+    np.testing.assert_array_equal(upscaler.upscale(lr)[0], np.asarray(D.to_uint8(D.dmol_mean(logits)))[0])
+    means = [_upscaler(model_and_params, temperature=0.0, seed=s, decode="mean").upscale(lr) for s in (0, 1)]
+    samples = [_upscaler(model_and_params, temperature=0.0, seed=s).upscale(lr) for s in (0, 1)]
+    np.testing.assert_array_equal(means[0], means[1])
+    assert np.abs(samples[0].astype(int) - samples[1].astype(int)).mean() > 1
+
+
+def test_back_projection_brings_every_sample_past_45_db_on_the_whole_image(model_and_params):
+    """3 x 23 LR (reflection padding, 7 tiles per sample), 3 samples, a freshly initialised model: each finished
+    sample is projected as a whole, exactly as back_project does it to the unprojected output."""
+    lr = data.embedded_photos()[1][1][100:103, 200:223]
+    settings = dict(temperature=0.7, num_samples=3, seed=3, overlap=1)
+    plain = _upscaler(model_and_params, **settings).upscale(lr)
+    projected = _upscaler(model_and_params, **settings, back_projection_steps=SUGGESTED_STEPS).upscale(lr)
+    np.testing.assert_array_equal(projected, np.stack([back_project(s, lr, SUGGESTED_STEPS) for s in plain]))
+    before, after = ([lr_consistency(s, lr, 4) for s in out] for out in (plain, projected))
+    print(f"LR-PSNR per sample {[round(v, 1) for v in before]} -> {[round(v, 1) for v in after]}")
+    assert max(before) < 25 and min(after) >= 45
+
+
+def test_decoding_and_back_projection_come_from_the_config():
+    config = get_config()
+    settings = upscale.Settings.from_config(config.upscale)
+    assert (settings.decode, settings.back_projection_steps) == ("sample", 0)
+    config.upscale.update(decode="mean", back_projection_steps=SUGGESTED_STEPS)
+    settings = upscale.Settings.from_config(config.upscale)
+    assert (settings.decode, settings.back_projection_steps) == ("mean", SUGGESTED_STEPS)
+    config.upscale.decode = "mode"
+    with pytest.raises(ValueError, match=r"^upscale.decode must be one of \('sample', 'mean'\), got 'mode'$"):
+        upscale.Settings.from_config(config.upscale)
+    config.upscale.update(decode="mean", back_projection_steps=-1)
+    with pytest.raises(ValueError, match=r"^upscale.back_projection_steps must be 0 \(none\) or more, got -1$"):
         upscale.Settings.from_config(config.upscale)

@@ -72,6 +72,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "upscale.overlap": _whole(0),
     "upscale.batch_per_device": _whole(1),
     "upscale.max_pixels": _whole(0),
+    "upscale.decode": _one_of("sample", "mean"),
+    "upscale.back_projection_steps": _whole(0),
     "evaluate.temperatures": (_temperatures, "one or more numbers of at least 0"),
     "evaluate.num_samples": _whole(1),
     "evaluate.max_images": _whole(0),

@@ -63,10 +63,12 @@ def sample_images(model: VDVAE, params, n: int, temperature, rng) -> jax.Array:
     return D.to_uint8(images)
 
 
-@partial(jax.jit, static_argnums=0)
-def sr_sample(model: VDVAESR, params, lr_input, temperature, rng) -> jax.Array:
-    """uint8 SR images drawn from p(z | LR) at `temperature` for normalised LR inputs."""
-    images = model.apply({"params": params}, lr_input, temperature, rngs={"sample": rng}, method=VDVAESR.sample)
+@partial(jax.jit, static_argnames=("model", "decode"))
+def sr_sample(model: VDVAESR, params, lr_input, temperature, rng, decode: str = "sample") -> jax.Array:
+    """uint8 SR images from p(z | LR) at `temperature` for normalised LR inputs, pixels decoded by `decode`
+    ('sample' or 'mean', see VDVAE.pixels)."""
+    images = model.apply({"params": params}, lr_input, temperature, decode=decode, rngs={"sample": rng},
+                         method=VDVAESR.sample)
     return D.to_uint8(images)
 
 

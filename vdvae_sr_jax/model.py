@@ -22,6 +22,7 @@ from vdvae_sr_jax.hparams import Run, decoder_runs, encoder_runs, parse_layer_st
 from vdvae_sr_jax.layers import gelu, get_1x1, get_3x3
 
 Array = Any
+DECODINGS = ("sample", "mean")  # how `sample` turns DMoL logits into pixels: see VDVAE.pixels
 
 
 class Block(nn.Module):
@@ -412,10 +413,19 @@ class VDVAE(nn.Module):
         return self.decoder.forward_uncond(n, temperature=temperature, latents=latents, eps=eps,
                                            n_latents=n_latents)
 
-    def sample(self, n: int, temperature=None, latents=None, n_latents=None):
-        """Images [n, H, W, 3] in [-1, 1] drawn from the prior and the DMoL (needs a 'sample' rng)."""
+    def sample(self, n: int, temperature=None, latents=None, n_latents=None, decode: str = "sample"):
+        """Images [n, H, W, 3] in [-1, 1] from the prior, their pixels decoded by `decode` (needs a 'sample' rng)."""
         _, logits = self.generate(n, temperature, latents, n_latents=n_latents)
-        return D.dmol_sample(self.make_rng("sample"), logits.astype(jnp.float32))
+        return self.pixels(logits.astype(jnp.float32), decode)
+
+    def pixels(self, logits, decode: str):
+        """Images in [-1, 1] from DMoL logits: 'sample' draws each pixel as upstream does (a 'sample' rng);
+        'mean' takes the mixture's expected value, deterministic and free of per-pixel noise."""
+        if decode == "sample":
+            return D.dmol_sample(self.make_rng("sample"), logits)
+        if decode == "mean":
+            return D.dmol_mean(logits)
+        raise ValueError(f"unknown pixel decoding {decode!r}: use one of {DECODINGS}")
 
 
 class VDVAESR(VDVAE):
@@ -451,10 +461,11 @@ class VDVAESR(VDVAE):
         return self.decoder.forward_uncond(x_lr.shape[0], temperature=temperature, latents=latents, eps=eps,
                                            cond=self.lr_encoder(x_lr))
 
-    def sample(self, x_lr, temperature=None, latents=None):
-        """SR images [N, H, W, 3] in [-1, 1] drawn from p(z | y) and the DMoL (needs a 'sample' rng)."""
+    def sample(self, x_lr, temperature=None, latents=None, decode: str = "sample"):
+        """SR images [N, H, W, 3] in [-1, 1] from p(z | y), their pixels decoded by `decode` (needs a 'sample'
+        rng)."""
         _, logits = self.generate(x_lr, temperature, latents)
-        return D.dmol_sample(self.make_rng("sample"), logits.astype(jnp.float32))
+        return self.pixels(logits.astype(jnp.float32), decode)
 
 
 def model_from_hparams(hparams: Mapping[str, Any], **overrides) -> VDVAE:

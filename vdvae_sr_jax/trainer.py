@@ -265,7 +265,8 @@ class SkipWatch:
 
 
 def write_sr_samples(config, model, params, hr_uint8: np.ndarray, path: Path) -> Path:
-    """A PNG with one row per image: LR (nearest x4) | bicubic | SR at each temperature | HR."""
+    """A PNG with one row per image: LR (nearest x4) | bicubic | SR at each temperature | HR; the SR pixels are
+    decoded as `config.upscale.decode` says."""
     from vdvae_sr_jax.resize import bicubic_upscale
 
     factor = model.image_size // model.lr_image_size
@@ -274,7 +275,7 @@ def write_sr_samples(config, model, params, hr_uint8: np.ndarray, path: Path) ->
     columns = [np.repeat(np.repeat(lr, factor, 1), factor, 2), bicubic_upscale(lr, factor)]
     for t in config.sample.temperatures:
         columns.append(np.asarray(evaluate.sr_sample(model, params, lr_input, jnp.float32(t),
-                                                     jax.random.key(config.train.seed))))
+                                                     jax.random.key(config.train.seed), config.upscale.decode)))
     columns.append(hr_uint8)
     evaluate.save_grid(path, [np.stack(row) for row in zip(*columns)])
     return path

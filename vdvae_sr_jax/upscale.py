@@ -23,14 +23,16 @@ from tqdm import tqdm
 
 from vdvae_sr_jax import data, image_io, tiles
 from vdvae_sr_jax import distributions as D
-from vdvae_sr_jax.model import VDVAESR
+from vdvae_sr_jax.backprojection import back_project
+from vdvae_sr_jax.model import DECODINGS, VDVAESR
 
 
 @dataclass(frozen=True)
 class Settings:
     """How to upscale: temperature (one number or one per layer), samples per image, seed, tile overlap (LR
-    pixels), tiles per device per batch, whether to save a per-pixel standard-deviation map, and the largest LR
-    image (width x height) a file may hold, 0 for no limit."""
+    pixels), tiles per device per batch, whether to save a per-pixel standard-deviation map, the largest LR
+    image (width x height) a file may hold (0 for no limit), how pixels are decoded ('sample' or 'mean', see
+    VDVAE.pixels), and the steps of back-projection toward the LR input on each whole output (0: none)."""
 
     temperature: float | tuple[float, ...] = 0.1
     num_samples: int = 1
@@ -39,6 +41,8 @@ class Settings:
     batch_per_device: int = 8
     std_map: bool = False
     max_pixels: int = 25_000_000
+    decode: str = "sample"
+    back_projection_steps: int = 0
 
     @classmethod
     def from_config(cls, upscale) -> Settings:
@@ -49,16 +53,23 @@ class Settings:
             raise ValueError(f"upscale.num_samples must be at least 1, got {upscale.num_samples}")
         if upscale.max_pixels < 0:
             raise ValueError(f"upscale.max_pixels must be 0 (no limit) or more, got {upscale.max_pixels}")
+        if upscale.decode not in DECODINGS:
+            raise ValueError(f"upscale.decode must be one of {DECODINGS}, got {upscale.decode!r}")
+        if upscale.back_projection_steps < 0:
+            raise ValueError(f"upscale.back_projection_steps must be 0 (none) or more, got "
+                             f"{upscale.back_projection_steps}")
         return cls(temperature, int(upscale.num_samples), int(upscale.seed), int(upscale.overlap),
-                   int(upscale.batch_per_device), bool(upscale.std_map), int(upscale.max_pixels))
+                   int(upscale.batch_per_device), bool(upscale.std_map), int(upscale.max_pixels), upscale.decode,
+                   int(upscale.back_projection_steps))
 
 
-@partial(jax.jit, static_argnums=0)
-def _sample_tiles(model: VDVAESR, params, lr_input, temperature, keys) -> jax.Array:
-    """uint8 HR tiles, each drawn from p(z | its LR tile) with its own key."""
+@partial(jax.jit, static_argnames=("model", "decode"))
+def _sample_tiles(model: VDVAESR, params, lr_input, temperature, keys, decode: str = "sample") -> jax.Array:
+    """uint8 HR tiles, each from p(z | its LR tile) with its own key, pixels decoded by `decode`."""
 
     def one(x, key):
-        out = model.apply({"params": params}, x[None], temperature, rngs={"sample": key}, method=VDVAESR.sample)
+        out = model.apply({"params": params}, x[None], temperature, decode=decode, rngs={"sample": key},
+                          method=VDVAESR.sample)
         return out[0]
 
     return D.to_uint8(jax.vmap(one)(lr_input, keys))
@@ -94,7 +105,7 @@ class Upscaler:
             chunk_keys = jnp.concatenate([keys[start:stop], jnp.repeat(keys[stop - 1 : stop], pad, axis=0)])
             lr_input = jax.device_put(data.normalize(chunk, self.data)[0], self.sharding)
             hr = _sample_tiles(self.model, self.params, lr_input, self.temperature,
-                               jax.device_put(chunk_keys, self.sharding))
+                               jax.device_put(chunk_keys, self.sharding), self.settings.decode)
             yield np.asarray(hr)[: stop - start]
             progress.update(stop - start)
 
@@ -106,7 +117,8 @@ class Upscaler:
         """SR samples uint8 [num_samples, H*scale, W*scale, 3] of one uint8 RGB LR image [H, W, 3].
 
         Tiles stream through the devices in batches and are blended into the output as they return, so besides
-        the output only a few batches and one row of tiles per sample are held.
+        the output only a few batches and one row of tiles per sample are held. Back-projection, if asked, then
+        corrects each finished sample as a whole (see backprojection.py for what it holds).
         """
         height, width = lr_uint8.shape[:2]
         grid = tiles.tile_grid(height, width, self.tile, self.settings.overlap)
@@ -122,6 +134,10 @@ class Upscaler:
             if finished is not None:
                 rows, values = finished
                 out[sample, rows] = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        steps = self.settings.back_projection_steps
+        if steps:
+            for sample in range(samples):
+                out[sample] = back_project(out[sample], lr_uint8, steps)
         return out
 
 
