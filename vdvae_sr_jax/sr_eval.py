@@ -1,31 +1,43 @@
-"""The SR literature's evaluation protocol: bicubic, the model at each temperature and other models' outputs,
-side by side in Markdown and CSV tables, with a comparison figure per image.
+"""The SR literature's evaluation protocols: bicubic, the model at each temperature and pixel decoding, and other
+models' outputs, side by side in Markdown and CSV tables, with a labelled comparison figure per image.
 
-Two protocols: 'whole' super-resolves each whole HR image (cropped to a multiple of the scale) through tiles;
-'thesis' first resizes and centre-crops it to the model's size, as Chira & Haralampiev (2021) did.
+'whole' super-resolves each whole HR image (cropped to a multiple of the scale) through tiles; 'thesis' first
+resizes and centre-crops it to the model's size, as Chira & Haralampiev (2021) did; 'ntire' is the NTIRE 2021
+"Learning the Super-Resolution Space" challenge's: images cropped to a multiple of 8, `evaluate.ntire_samples`
+samples each (written under the challenge's file names), LPIPS, its diversity score and LR-PSNR mean and worst.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from vdvae_sr_jax import data, evaluate, image_io, metrics, perceptual
+from vdvae_sr_jax import data, evaluate, figures, image_io, metrics, perceptual
 from vdvae_sr_jax.resize import bicubic_downscale, bicubic_upscale
 from vdvae_sr_jax.upscale import Settings, Upscaler
 
-COLUMNS = ("psnr_y", "ssim_y", "lpips", "lr_psnr", "pixel_std", "fid")
+COLUMNS = ("psnr_y", "ssim_y", "lpips", "lr_psnr", "lr_psnr_worst", "diversity", "pixel_std", "fid")
 HEADERS = {"psnr_y": "PSNR-Y (dB)", "ssim_y": "SSIM-Y", "lpips": "LPIPS", "lr_psnr": "LR-PSNR (dB)",
-           "pixel_std": "pixel std", "fid": "FID"}
+           "lr_psnr_worst": "LR-PSNR worst (dB)", "diversity": "diversity", "pixel_std": "pixel std", "fid": "FID"}
+# How a model row turns latents into pixels: DMoL samples or means, then optionally back-projected onto the LR input.
+ROW_DECODINGS = ("sample", "mean", "sample+ibp", "mean+ibp")
+
+
+def crop_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
+    """The top-left part of an image whose sides are multiples of `multiple`, as SR benchmarks prepare HR images."""
+    h, w = image.shape[0] - image.shape[0] % multiple, image.shape[1] - image.shape[1] % multiple
+    return image[:h, :w]
 
 
 def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
-    """The top-left part of an image whose sides are multiples of `scale`, as SR benchmarks prepare HR images."""
-    h, w = image.shape[0] - image.shape[0] % scale, image.shape[1] - image.shape[1] % scale
-    return image[:h, :w]
+    """`crop_to_multiple(image, scale)`: the HR image of an LR input of whole pixels."""
+    return crop_to_multiple(image, scale)
 
 
 def parse_external(spec: str) -> dict[str, Path]:
@@ -56,9 +68,9 @@ class PerceptualMetrics:
     def __init__(self, config):
         self.lpips_params, self.inception, self.missing = None, None, {}
         try:
-            self.lpips_params = perceptual.load_lpips(config.lpips_backbone or None, config.lpips_lin or None)
+            self.lpips_params = perceptual.load_lpips("alex", config.lpips_backbone or None, config.lpips_lin or None)
         except (FileNotFoundError, ImportError) as error:
-            self.missing["lpips"] = f"{error} Set --config.evaluate.lpips_backbone / lpips_lin to the files."
+            self.missing["lpips"] = str(error)
         try:
             self.inception = perceptual.load_fid_inception(config.fid_inception or None)
         except (FileNotFoundError, ImportError) as error:
@@ -66,33 +78,50 @@ class PerceptualMetrics:
         for name, reason in self.missing.items():
             logging.warning("%s not computed: %s", name.upper(), reason)
 
-    def lpips(self, sr: np.ndarray, hr: np.ndarray) -> float:
-        return float(perceptual.lpips(self.lpips_params, sr[None], hr[None])[0])
+    def lpips_maps(self, samples: np.ndarray, hr: np.ndarray) -> np.ndarray:
+        """Spatial LPIPS [S, H, W] of each sample [S, H, W, 3] against the HR image, one sample at a time."""
+        return np.concatenate([np.asarray(perceptual.lpips_map(self.lpips_params, s[None], hr[None]))
+                               for s in samples])
 
     def fid(self, srs: list[np.ndarray], hrs: list[np.ndarray]) -> float:
         return perceptual.fid(self.inception, srs, hrs)
 
 
 def image_metrics(samples: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: int, perc: PerceptualMetrics) -> dict:
-    """Metrics of one image's SR samples [S, H, W, 3], averaged over samples; their spread when S >= 2."""
+    """Metrics of one image's SR samples [S, H, W, 3]: means over samples, the worst LR-PSNR, and with S >= 2 the
+    NTIRE diversity score (from the LPIPS maps) and the per-pixel spread."""
+    lr_psnrs = [metrics.lr_consistency(s, lr, scale) for s in samples]
     out = {
         "psnr_y": np.mean([metrics.psnr_y(s, hr, scale) for s in samples]),
         "ssim_y": np.mean([metrics.ssim_y(s, hr, scale) for s in samples]),
-        "lr_psnr": np.mean([metrics.lr_consistency(s, lr, scale) for s in samples]),
+        "lr_psnr": np.mean(lr_psnrs),
+        "lr_psnr_worst": np.min(lr_psnrs),
     }
-    if perc.lpips_params is not None and min(hr.shape[:2]) >= 31:
-        out["lpips"] = np.mean([perc.lpips(s, hr) for s in samples])
+    if perc.lpips_params is not None and min(hr.shape[:2]) >= 32:
+        maps = perc.lpips_maps(samples, hr)
+        out["lpips"] = float(maps.mean(axis=(1, 2)).mean())
+        if len(samples) > 1:
+            out["diversity"] = metrics.diversity_score(maps)
     if len(samples) > 1:
         out["pixel_std"] = metrics.pixel_std(samples)
     return out
 
 
-def _rows(images, lrs, upscaler_for, temperatures, scale, perc, externals) -> dict[str, dict]:
-    """{row name: {'metrics': [per-image dicts], 'first': [first sample per image]}} for every method."""
+def model_rows(temperatures, decodings) -> list[str]:
+    """The model's row names, one per temperature and decoding, e.g. 'VDVAE-SR t=0.6 mean+ibp'."""
+    for decoding in decodings:
+        if decoding not in ROW_DECODINGS:
+            raise ValueError(f"evaluate.decodings entry {decoding!r}: use one of {', '.join(ROW_DECODINGS)}")
+    return [f"VDVAE-SR t={t:g} {decoding}" for t in temperatures for decoding in decodings]
+
+
+def _rows(images, lrs, upscaler_for, methods, scale, perc, externals) -> dict[str, dict]:
+    """{row name: {'metrics': [per-image dicts], 'first': [first sample per image], 'outputs': [...]}} for bicubic,
+    each model row in `methods` (made by `upscaler_for(name)`) and each external folder."""
     rows = {"bicubic": [bicubic_upscale(lr, scale) for lr in lrs]}
-    for t in temperatures:
-        upscaler = upscaler_for(t)
-        rows[f"VDVAE-SR t={t:g}"] = [upscaler.upscale(lr, i) for i, lr in enumerate(lrs)]
+    for name in methods:
+        upscaler = upscaler_for(name)
+        rows[name] = [upscaler.upscale(lr, i) for i, lr in enumerate(lrs)]
     for name, folder in externals.items():
         outputs = []
         for (image_name, hr) in images:
@@ -154,52 +183,100 @@ def write_tables(summary: dict, path_stem: Path, title: str, notes: list[str]) -
     return md, csv_path
 
 
-def write_figure(path: Path, lr: np.ndarray, columns: list[np.ndarray], scale: int) -> None:
-    """LR (nearest x`scale`) | each method's output | HR, as one PNG row."""
+def write_figure(path: Path, lr: np.ndarray, columns: list[np.ndarray], labels: list[str], scale: int) -> None:
+    """LR (nearest x`scale`) | each method's output | HR, as one labelled PNG row."""
     nearest = np.repeat(np.repeat(lr, scale, 0), scale, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.save_grid(path, [np.stack([nearest, *columns])])
+    figures.save_grid(path, [np.stack([nearest, *columns])], labels=["LR", *labels])
+
+
+def write_ntire_samples(folder: Path, table: dict) -> dict[str, str]:
+    """Each row's samples under the challenge's names, `{image:06d}_sample{k:05d}.png` (a single output:
+    `{image:06d}.png`), one folder per row, so that its own scoring script can run on them; {row: folder}."""
+    folders = {}
+    for name, row in table.items():
+        row_folder = folder / re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
+        row_folder.mkdir(parents=True, exist_ok=True)
+        for i, out in enumerate(row["outputs"]):
+            if out is None:
+                continue
+            samples = out if out.ndim == 4 else out[None]
+            for k, sample in enumerate(samples):
+                stem = f"{i:06d}_sample{k:05d}" if len(samples) > 1 else f"{i:06d}"
+                Image.fromarray(sample).save(row_folder / f"{stem}.png")
+        folders[name] = str(row_folder)
+    return folders
+
+
+def _notes(config, scale: int, protocol: str, perc: PerceptualMetrics) -> list[str]:
+    cfg = config.evaluate
+    n = cfg.ntire_samples if protocol == "ntire" else cfg.num_samples
+    notes = [f"x{scale}; LR by MATLAB bicubic; Y channel (BT.601), {scale}-pixel border cropped; SSIM with an 11x11 "
+             "Gaussian window (sigma 1.5); LR-PSNR: PSNR (RGB) of the MATLAB-bicubic downscale of each output against "
+             "the LR input, mean and worst over samples, then the mean over images",
+             f"model rows: {n} samples per image, metrics averaged over them; decodings: 'sample' draws each pixel "
+             "from the DMoL, 'mean' takes its expected value, '+ibp' back-projects the output onto the LR input "
+             f"({cfg.back_projection_steps} steps)",
+             "LPIPS: AlexNet, v0.1; diversity: the NTIRE 2021 score, (min over samples of the mean LPIPS - mean over "
+             "pixels of the per-pixel min over samples) / the former x 100; pixel std: the mean per-pixel standard "
+             "deviation across samples (0-255)"]
+    if protocol == "ntire":
+        notes.append("HR images cropped to a multiple of 8 (top-left), as the challenge's measure.py")
+    return notes + [f"{name.upper()} not computed: {reason}" for name, reason in perc.missing.items()]
+
+
+def _prepare(protocol: str, images, model, scale: int) -> list[tuple[str, np.ndarray]]:
+    if protocol == "whole":
+        return [(n, crop_to_multiple(hr, scale)) for n, hr in images]
+    if protocol == "ntire":
+        return [(n, crop_to_multiple(hr, 8)) for n, hr in images]
+    if protocol == "thesis":
+        return [(n, data.center_crop(hr, model.image_size)) for n, hr in images]
+    raise ValueError(f"unknown evaluate.protocols entry {protocol!r}: use 'whole', 'thesis' or 'ntire'")
 
 
 def evaluate_sr(config, model, params, images: list[tuple[str, np.ndarray]], out_dir: Path) -> dict:
-    """Both protocols' tables and figures for uint8 HR `images`; returns the summaries and the table paths."""
+    """Every protocol's table and figures for uint8 HR `images`, and all of them in one table; returns the
+    summaries and the table paths."""
     cfg, scale = config.evaluate, model.image_size // model.lr_image_size
     perc = PerceptualMetrics(cfg)
     externals = parse_external(cfg.external)
     base = Settings.from_config(config.upscale)
-
-    def upscaler_for(t):
-        return Upscaler(model, params, config.data, Settings(t, cfg.num_samples, base.seed, base.overlap,
-                                                             base.batch_per_device))
-
-    notes = [f"x{scale}; LR by MATLAB bicubic; Y channel (BT.601), {scale}-pixel border cropped; SSIM with an 11x11 "
-             "Gaussian window (sigma 1.5); LR-PSNR: PSNR of the bicubic downscale of the output against the LR input",
-             f"model rows: the mean over {cfg.num_samples} samples per image; pixel std: the mean per-pixel "
-             "standard deviation across them (0-255)"]
-    notes += [f"{name.upper()} not computed: {reason}" for name, reason in perc.missing.items()]
+    methods = model_rows(cfg.temperatures, cfg.decodings)
     result = {"dataset": config.data.dataset, "protocols": {}}
+    combined = {}
     for protocol in cfg.protocols:
-        if protocol == "whole":
-            prepared = [(n, mod_crop(hr, scale)) for n, hr in images]
-            ext = externals
-        elif protocol == "thesis":
-            prepared = [(n, data.center_crop(hr, model.image_size)) for n, hr in images]
-            ext = {}
-        else:
-            raise ValueError(f"unknown evaluate.protocols entry {protocol!r}: use 'whole' or 'thesis'")
+        prepared = _prepare(protocol, images, model, scale)
+        n_samples = cfg.ntire_samples if protocol == "ntire" else cfg.num_samples
+
+        def upscaler_for(name, n_samples=n_samples):
+            t, decoding = float(name.split("t=")[1].split()[0]), name.rsplit(" ", 1)[1]
+            settings = dataclasses.replace(
+                base, temperature=t, num_samples=n_samples, std_map=False, decode=decoding.removesuffix("+ibp"),
+                back_projection_steps=cfg.back_projection_steps if decoding.endswith("+ibp") else 0)
+            return Upscaler(model, params, config.data, settings)
+
         lrs = [bicubic_downscale(hr[None], scale)[0] for _, hr in prepared]
-        table = _rows(prepared, lrs, upscaler_for, cfg.temperatures, scale, perc, ext)
+        table = _rows(prepared, lrs, upscaler_for, methods, scale, perc, externals if protocol != "thesis" else {})
         summary = summarise(table, [hr for _, hr in prepared], perc)
         stem = out_dir / f"{config.data.dataset.replace(' ', '_')}_{protocol}"
         title = f"{config.data.dataset}, {protocol} protocol ({len(prepared)} images)"
-        md, csv_path = write_tables(summary, stem, title, notes)
+        md, csv_path = write_tables(summary, stem, title, _notes(config, scale, protocol, perc))
+        result["protocols"][protocol] = {"summary": summary, "markdown": str(md), "csv": str(csv_path)}
+        combined.update({f"{protocol}: {name}": row for name, row in summary.items()})
+        if protocol == "ntire":
+            result["protocols"][protocol]["samples"] = write_ntire_samples(out_dir / "ntire_samples", table)
         if cfg.figures:
             for i, ((name, hr), lr) in enumerate(zip(prepared, lrs)):
-                outputs = [row["outputs"][i] for row in table.values()]
-                columns = [o if o.ndim == 3 else o[0] for o in outputs if o is not None]
+                kept = [(row_name, row["outputs"][i]) for row_name, row in table.items()
+                        if row["outputs"][i] is not None]
+                columns = [o if o.ndim == 3 else o[0] for _, o in kept]
                 write_figure(out_dir / "figures" / f"{protocol}_{i:03d}_{Path(name).stem}.png", lr, columns + [hr],
-                             scale)
-        result["protocols"][protocol] = {"summary": summary, "markdown": str(md), "csv": str(csv_path)}
+                             [row_name.removeprefix("VDVAE-SR ") for row_name, _ in kept] + ["HR"], scale)
+    if len(cfg.protocols) > 1:
+        md, csv_path = write_tables(combined, out_dir / f"{config.data.dataset.replace(' ', '_')}_all",
+                                    f"{config.data.dataset}, all protocols", [])
+        result["all"] = {"markdown": str(md), "csv": str(csv_path)}
     if "thesis" in cfg.protocols:
         crops = np.stack([data.center_crop(hr, model.image_size) for _, hr in images])
         batches = [crops[i : i + 16] for i in range(0, len(crops), 16)]
