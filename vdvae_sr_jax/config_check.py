@@ -80,8 +80,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evaluate.ntire_samples": _whole(2),
     "evaluate.back_projection_steps": _whole(0),
     "evaluate.decodings": (lambda v: _all_in(v, ("sample", "mean", "sample+ibp", "mean+ibp")),
-                           "some of 'sample', 'mean', 'sample+ibp', 'mean+ibp'"),
-    "evaluate.protocols": (lambda v: _all_in(v, ("whole", "thesis", "ntire")), "some of 'whole', 'thesis', 'ntire'"),
+                           "a tuple of some of 'sample', 'mean', 'sample+ibp', 'mean+ibp', e.g. \"('sample','mean')\""),
+    "evaluate.protocols": (lambda v: _all_in(v, ("whole", "thesis", "ntire")),
+                           "a tuple of some of 'whole', 'thesis', 'ntire', e.g. \"('whole','ntire')\""),
     "compute_dtype": _one_of("float32", "bfloat16", "float16"),
     "scan_unroll": _whole(1),
 }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from vdvae_sr_jax import data, evaluate, figures, image_io, metrics, perceptual
 from vdvae_sr_jax.resize import bicubic_downscale, bicubic_upscale
@@ -119,9 +120,14 @@ def _rows(images, lrs, upscaler_for, methods, scale, perc, externals) -> dict[st
     """{row name: {'metrics': [per-image dicts], 'first': [first sample per image], 'outputs': [...]}} for bicubic,
     each model row in `methods` (made by `upscaler_for(name)`) and each external folder."""
     rows = {"bicubic": [bicubic_upscale(lr, scale) for lr in lrs]}
-    for name in methods:
-        upscaler = upscaler_for(name)
-        rows[name] = [upscaler.upscale(lr, i) for i, lr in enumerate(lrs)]
+    with tqdm(total=len(methods) * len(lrs), desc="evaluate", unit="image", disable=not methods) as progress:
+        for name in methods:
+            upscaler = upscaler_for(name)
+            rows[name] = []
+            for i, lr in enumerate(lrs):
+                progress.set_postfix_str(name.removeprefix("VDVAE-SR "))
+                rows[name].append(upscaler.upscale(lr, i))
+                progress.update()
     for name, folder in externals.items():
         outputs = []
         for (image_name, hr) in images:
