@@ -15,7 +15,7 @@ from absl import app, flags
 from PIL import Image
 
 from configs.demo import get_config
-from vdvae_sr_jax import data, evaluate, metrics, trainer
+from vdvae_sr_jax import data, evaluate, figures, metrics, trainer
 from vdvae_sr_jax.model import model_from_config
 from vdvae_sr_jax.resize import bicubic_upscale
 
@@ -55,8 +55,9 @@ def main(argv) -> None:
     }
     result["mean_psnr_y_sr"] = float(np.mean(result["psnr_y_sr"]))
     result["mean_psnr_y_bicubic"] = float(np.mean(result["psnr_y_bicubic"]))
-    evaluate.save_grid(workdir / "overfit.png", [np.stack(r) for r in zip(lr.repeat(factor, 1).repeat(factor, 2),
-                                                                           bicubic, sr, hr)])
+    figures.save_grid(workdir / "overfit.png", [np.stack(r) for r in zip(lr.repeat(factor, 1).repeat(factor, 2),
+                                                                          bicubic, sr, hr)],
+                      labels=["LR", "bicubic", f"t={_TEMPERATURE.value:g}", "HR"])
     (workdir / "overfit_result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

@@ -129,9 +129,9 @@ def test_samples_differ_and_the_std_map_shows_where(model_and_params):
     samples = _upscaler(model_and_params, temperature=1.0, num_samples=3, overlap=1).upscale(lr)
     assert samples.shape == (3, 80, 96, 3)
     assert all(np.abs(samples[0].astype(int) - s.astype(int)).mean() > 1 for s in samples[1:])
-    heat = upscale.std_heat_map(samples)
+    heat, top = upscale.std_heat_map(samples)
     std = samples.astype(np.float32).std(axis=0).mean(axis=-1)
-    assert heat.shape == (80, 96, 3) and heat.dtype == np.uint8
+    assert heat.shape == (80, 96, 3) and heat.dtype == np.uint8 and top == pytest.approx(std.max())
     hot, cold = np.unravel_index(std.argmax(), std.shape), np.unravel_index(std.argmin(), std.shape)
     assert heat[hot].tolist() == [255, 255, 255] and heat[cold].sum() < heat[hot].sum()
 
@@ -157,7 +157,9 @@ def test_files_in_and_out(model_and_params, tmp_path):
     alpha_channel = np.asarray(alpha)[..., 3].astype(int)
     assert np.abs(alpha_channel[0] - np.linspace(0, 255, 148)).max() < 6  # the ramp survives, x4
     assert Image.open(out / "grey_x4_s0.png").mode == "L"
-    assert Image.open(out / "grey_x4_std.png").size == (148, 120)
+    std_map = np.asarray(Image.open(out / "grey_x4_std.png"))
+    assert std_map.shape[0] == 120 and std_map.shape[1] > 148 + 30  # the map, then its labelled colour bar
+    assert tuple(std_map[0, 148 + 6]) == (255, 255, 255) and tuple(std_map[-1, 148 + 6]) == (0, 0, 0)
     assert len(result["outputs"]) == 3 * 3
     same = tmp_path / "same"
     same.mkdir()

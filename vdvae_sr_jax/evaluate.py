@@ -9,7 +9,6 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from vdvae_sr_jax import distributions as D
 from vdvae_sr_jax.data import model_batch
@@ -70,17 +69,6 @@ def sr_sample(model: VDVAESR, params, lr_input, temperature, rng, decode: str = 
     images = model.apply({"params": params}, lr_input, temperature, decode=decode, rngs={"sample": rng},
                          method=VDVAESR.sample)
     return D.to_uint8(images)
-
-
-def save_grid(path, rows: list[np.ndarray], pad: int = 2) -> None:
-    """Writes rows of equally sized uint8 images [n, H, W, 3] as one PNG, with white gutters."""
-    n, h, w = max(len(r) for r in rows), rows[0].shape[1], rows[0].shape[2]
-    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            top, left = pad + i * (h + pad), pad + j * (w + pad)
-            grid[top : top + h, left : left + w] = image
-    Image.fromarray(grid).save(path)
 
 
 def temperature_grid(model: VDVAE, params, temperatures, n: int, seed: int) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdvae_sr_jax import checkpoint, cli, config_check, data, evaluate, sr_eval, trainer, upscale
+from vdvae_sr_jax import checkpoint, cli, config_check, data, evaluate, figures, sr_eval, trainer, upscale
 from vdvae_sr_jax.model import VDVAESR, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file in configs/.")
@@ -86,11 +86,11 @@ def sample_model(config, model, params, workdir: Path) -> dict:
     if isinstance(model, VDVAESR):
         return {"samples": str(trainer.write_sr_samples(config, model, params, hr, workdir / "samples.png"))}
     rows = evaluate.temperature_grid(model, params, config.sample.temperatures, config.sample.num, config.train.seed)
-    evaluate.save_grid(workdir / "samples.png", rows)
+    figures.save_grid(workdir / "samples.png", rows)
     counts = evaluate.injection_layer_counts(model.n_layers, config.sample.injection_rows)
     rows = evaluate.latent_injection_grid(model, params, hr, config.data, counts, config.sample.temperatures[-1],
                                           config.train.seed)
-    evaluate.save_grid(workdir / "latent_injection.png", rows)
+    figures.save_grid(workdir / "latent_injection.png", rows)
     return {"samples": str(workdir / "samples.png"), "latent_injection": str(workdir / "latent_injection.png"),
             "injected_layers": counts}
 

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import checkpoint, data, evaluate, train
+from vdvae_sr_jax import checkpoint, data, evaluate, figures, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 from vdvae_sr_jax.prefetch import prefetch
@@ -277,5 +277,5 @@ def write_sr_samples(config, model, params, hr_uint8: np.ndarray, path: Path) ->
         columns.append(np.asarray(evaluate.sr_sample(model, params, lr_input, jnp.float32(t),
                                                      jax.random.key(config.train.seed), config.upscale.decode)))
     columns.append(hr_uint8)
-    evaluate.save_grid(path, [np.stack(row) for row in zip(*columns)])
-    return path
+    labels = ["LR", "bicubic", *(f"t={t:g} {config.upscale.decode}" for t in config.sample.temperatures), "HR"]
+    return figures.save_grid(path, [np.stack(row) for row in zip(*columns)], labels=labels)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import data, image_io, tiles
+from vdvae_sr_jax import data, figures, image_io, tiles
 from vdvae_sr_jax import distributions as D
 from vdvae_sr_jax.backprojection import back_project
 from vdvae_sr_jax.model import DECODINGS, VDVAESR
@@ -141,14 +141,13 @@ class Upscaler:
         return out
 
 
-def std_heat_map(samples_uint8: np.ndarray) -> np.ndarray:
-    """The per-pixel standard deviation across samples as a 'hot' colour map (black, red, yellow, white),
-    scaled so that white is the image's largest deviation."""
+def std_heat_map(samples_uint8: np.ndarray) -> tuple[np.ndarray, float]:
+    """The per-pixel standard deviation across samples as a 'hot' colour map (black, red, yellow, white), scaled so
+    that white is the image's largest deviation; and that deviation (0-255 grey levels)."""
     rows = range(0, samples_uint8.shape[1], 256)  # a band at a time, so no float copy of every sample is held
     std = np.concatenate([samples_uint8[:, y : y + 256].astype(np.float32).std(axis=0).mean(axis=-1) for y in rows])
-    v = std / max(float(std.max()), 1e-6)
-    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], axis=-1)
-    return np.rint(rgb * 255).astype(np.uint8)
+    top = max(float(std.max()), 1e-6)
+    return figures.hot(std / top), top
 
 
 def lr_size(path: Path, max_pixels: int) -> tuple[int, int]:
@@ -166,7 +165,8 @@ def upscale_files(upscaler: Upscaler, input_spec: str, output_dir: str | Path) -
     """Upscales every image a file, folder or glob names into `output_dir`, one image at a time, skipping and
     reporting by name the ones that cannot be read, are over `max_pixels`, or are links that lead nowhere.
 
-    Writes NAME_x4.png (NAME_x4_s{k}.png per sample when there are several) and, if asked, NAME_x4_std.png.
+    Writes NAME_x4.png (NAME_x4_s{k}.png per sample when there are several) and, if asked, NAME_x4_std.png (with
+    a colour scale in grey levels).
     Outputs are checked before any work so that none overwrites an input; sizes are read from the headers first.
     """
     settings = upscaler.settings
@@ -208,7 +208,8 @@ def upscale_files(upscaler: Upscaler, input_spec: str, output_dir: str | Path) -
             for k, sample in enumerate(samples):
                 written.append(str(image_io.save_png(outputs[suffixes[k]][index], sample, alpha, source.grey)))
             if "_x4_std" in outputs:
-                written.append(str(image_io.save_png(outputs["_x4_std"][index], std_heat_map(samples))))
+                heat = figures.with_colour_scale(*std_heat_map(samples), "grey levels")
+                written.append(str(image_io.save_png(outputs["_x4_std"][index], heat)))
     seconds = time.perf_counter() - start
     result = {"images": len(tiles_of), "failed": failed, "seconds": seconds,
               "images_per_second": len(tiles_of) / seconds if tiles_of else 0.0, "outputs": written}
