@@ -57,7 +57,7 @@ def main(argv) -> None:
     result["mean_psnr_y_bicubic"] = float(np.mean(result["psnr_y_bicubic"]))
     figures.save_grid(workdir / "overfit.png", [np.stack(r) for r in zip(lr.repeat(factor, 1).repeat(factor, 2),
                                                                           bicubic, sr, hr)],
-                      labels=["LR", "bicubic", f"t={_TEMPERATURE.value:g}", "HR"])
+                      labels=["LR", "bicubic", f"t={_TEMPERATURE.value:g} sample", "HR"])
     (workdir / "overfit_result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
 

@@ -120,5 +120,13 @@ def test_dmol_mean_matches_a_plain_transcription_and_the_mean_of_samples():
     np.testing.assert_allclose(np.asarray(draws).mean(0), mean, atol=0.02)
 
 
+def test_means_round_to_the_nearest_level_where_draws_truncate():
+    centres = jnp.asarray(2 * np.arange(256) / 255 - 1, jnp.float32)  # the exact value of each 8-bit level
+    np.testing.assert_array_equal(np.asarray(D.mean_to_uint8(centres)), np.arange(256))
+    assert (np.asarray(D.to_uint8(centres)) != np.arange(256)).sum() > 50  # truncation loses many a level
+    np.testing.assert_array_equal(np.asarray(D.pixels_to_uint8(centres, "mean")), np.arange(256))
+    np.testing.assert_array_equal(np.asarray(D.pixels_to_uint8(centres, "sample")), np.asarray(D.to_uint8(centres)))
+
+
 def test_to_uint8_truncates_like_official():
     assert np.asarray(D.to_uint8(jnp.array([-1.0, 0.0, 1.0, 2.0]))).tolist() == [0, 127, 255, 255]

@@ -29,5 +29,5 @@ def test_colab_notebook_runs_in_smoke_mode(tmp_path, subprocess_env, monkeypatch
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     assert "CpuDevice" in text(code[1])
     assert (repo / "checkpoints" / "hr").is_dir() and (repo / "runs" / "sr" / "metrics.jsonl").is_file()
-    assert "| bicubic | 2 |" in text(code[4]) and "| VDVAE-SR t=0.5 | 2 |" in text(code[4])
+    assert "| bicubic | 2 |" in text(code[4]) and "| VDVAE-SR t=0.5 sample | 2 |" in text(code[4])
     assert "upscaled/chelsea_x4.png (228, 152)" in text(code[5])

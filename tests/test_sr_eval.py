@@ -17,7 +17,7 @@ class _NoPerceptual:
 
 def _images():
     photos = data.embedded_photos()
-    return [(name, sr_eval.mod_crop(im[:61, :83], 4)) for name, im in photos[:3]]
+    return [(name, sr_eval.crop_to_multiple(im[:61, :83], 4)) for name, im in photos[:3]]
 
 
 def test_an_external_folder_sits_beside_bicubic(tmp_path):
@@ -62,7 +62,7 @@ def test_bad_external_specs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="the folder of EDSR, /no/such"):
         sr_eval.parse_external("EDSR=/no/such")
     assert sr_eval.parse_external(f" A={tmp_path}, B={tmp_path} ") == {"A": tmp_path, "B": tmp_path}
-    assert sr_eval.mod_crop(np.zeros((13, 10, 3)), 4).shape == (12, 8, 3)
+    assert sr_eval.crop_to_multiple(np.zeros((13, 10, 3)), 4).shape == (12, 8, 3)
 
 
 class _MapsPerceptual(_NoPerceptual):

@@ -225,7 +225,7 @@ def test_max_pixels_comes_from_the_config_and_must_not_be_negative():
 
 
 def test_mean_decoding_is_the_mixture_mean_of_the_generative_pass(model_and_params):
-    """One 4 x 4 LR tile: 'mean' gives to_uint8(dmol_mean(logits)) of the pass drawn with the tile's key; at
+    """One 4 x 4 LR tile: 'mean' gives mean_to_uint8(dmol_mean(logits)) of the pass drawn with the tile's key; at
     temperature 0 (z the prior's mean) it is the same for every seed, where 'sample' still differs pixel by pixel."""
     config, model, params = model_and_params
     lr = data.embedded_photos()[1][1][60:64, 90:94]
@@ -233,7 +233,7 @@ def test_mean_decoding_is_the_mixture_mean_of_the_generative_pass(model_and_para
     generate = jax.jit(lambda x, key: model.apply({"params": params}, x, upscaler.temperature, rngs={"sample": key},
                                                   method=VDVAESR.generate)[1])
     logits = generate(data.normalize(lr[None], config.data)[0], upscaler._keys(0, 1)[0])
-    np.testing.assert_array_equal(upscaler.upscale(lr)[0], np.asarray(D.to_uint8(D.dmol_mean(logits)))[0])
+    np.testing.assert_array_equal(upscaler.upscale(lr)[0], np.asarray(D.mean_to_uint8(D.dmol_mean(logits)))[0])
     means = [_upscaler(model_and_params, temperature=0.0, seed=s, decode="mean").upscale(lr) for s in (0, 1)]
     samples = [_upscaler(model_and_params, temperature=0.0, seed=s).upscale(lr) for s in (0, 1)]
     np.testing.assert_array_equal(means[0], means[1])

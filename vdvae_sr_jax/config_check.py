@@ -113,6 +113,9 @@ def problems(config) -> list[str]:
     skip = _get(config, "train.skip_threshold")
     if skip is not _MISSING and not (skip == -1 or _number(0.0, open_low=True)[0](skip)):
         found.append(f"train.skip_threshold={skip!r}: must be above 0, or -1 to never skip")
+    decodings, steps = _get(config, "evaluate.decodings"), _get(config, "evaluate.back_projection_steps")
+    if steps == 0 and isinstance(decodings, (tuple, list)) and any(str(d).endswith("+ibp") for d in decodings):
+        found.append("evaluate.back_projection_steps=0: the '+ibp' rows of evaluate.decodings need at least 1 step")
     tile, overlap = _get(config, "model.lr_image_size"), _get(config, "upscale.overlap")
     if isinstance(tile, int) and isinstance(overlap, int) and not overlap < tile:
         found.append(f"upscale.overlap={overlap!r}: must be less than the LR tile, model.lr_image_size={tile}")

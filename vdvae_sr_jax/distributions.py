@@ -115,6 +115,17 @@ def dmol_mean(logits):
     return jnp.clip((jnp.stack([m0, m1, m2], axis=-2) * weights).sum(-1), -1.0, 1.0)
 
 
+def mean_to_uint8(x):
+    """Maps a deterministic image in [-1, 1] (the DMoL mean) to the nearest uint8 levels: truncating it, as the
+    official sampler does its draws, would bias it half a level low."""
+    return jnp.clip(jnp.rint((x + 1.0) * 127.5), 0.0, 255.0).astype(jnp.uint8)
+
+
+def pixels_to_uint8(x, decode: str):
+    """uint8 images from decoded pixels: draws truncated as upstream, means rounded."""
+    return mean_to_uint8(x) if decode == "mean" else to_uint8(x)
+
+
 def to_uint8(x):
     """Maps images in [-1, 1] to uint8 pixels as the official sampler does ((x + 1) * 127.5, truncated)."""
     return jnp.clip((x + 1.0) * 127.5, 0.0, 255.0).astype(jnp.uint8)

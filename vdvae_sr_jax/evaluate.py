@@ -68,7 +68,7 @@ def sr_sample(model: VDVAESR, params, lr_input, temperature, rng, decode: str = 
     ('sample' or 'mean', see VDVAE.pixels)."""
     images = model.apply({"params": params}, lr_input, temperature, decode=decode, rngs={"sample": rng},
                          method=VDVAESR.sample)
-    return D.to_uint8(images)
+    return D.pixels_to_uint8(images, decode)
 
 
 def temperature_grid(model: VDVAE, params, temperatures, n: int, seed: int) -> list[np.ndarray]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def upscale_images(config, model, params) -> dict:
     return upscale.upscale_files(upscaler, _INPUT.value, _OUTPUT.value)
 
 
+def finite_or_null(value):
+    """`value` with every NaN or infinity inside it replaced by None, so that it is valid JSON (an exactly
+    consistent output's LR-PSNR is infinite)."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+        return None
+    return value
+
+
 @cli.one_line_errors
 def main(argv) -> None:
     del argv
@@ -124,8 +137,9 @@ def main(argv) -> None:
             result = run_mode(config, forward_model, params, workdir)
         else:
             result = upscale_images(config, forward_model, params)
-    (workdir / f"{_MODE.value}_result.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    text = json.dumps(finite_or_null(result), indent=1, allow_nan=False)
+    (workdir / f"{_MODE.value}_result.json").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

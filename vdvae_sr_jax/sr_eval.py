@@ -36,11 +36,6 @@ def crop_to_multiple(image: np.ndarray, multiple: int) -> np.ndarray:
     return image[:h, :w]
 
 
-def mod_crop(image: np.ndarray, scale: int) -> np.ndarray:
-    """`crop_to_multiple(image, scale)`: the HR image of an LR input of whole pixels."""
-    return crop_to_multiple(image, scale)
-
-
 def parse_external(spec: str) -> dict[str, Path]:
     """'EDSR=/outputs/edsr,ESRGAN=/outputs/esrgan' -> {name: folder}; each folder must exist."""
     folders = {}

@@ -174,8 +174,9 @@ def run(config, workdir: Path) -> dict:
             if stop["signal"] is not None:
                 log.flush()
                 if not saved:
-                    ckpts.save(step, state)
-                logging.warning("stopped by signal %d at step %d; a checkpoint was saved", stop["signal"], step)
+                    saved = ckpts.save(step, state)
+                logging.warning("stopped by signal %d at step %d; %s", stop["signal"], step,
+                                "a checkpoint was saved" if saved else "the state held NaN or inf and was not saved")
                 break
         bar.close()
     except BaseException:

@@ -72,7 +72,7 @@ def _sample_tiles(model: VDVAESR, params, lr_input, temperature, keys, decode: s
                           method=VDVAESR.sample)
         return out[0]
 
-    return D.to_uint8(jax.vmap(one)(lr_input, keys))
+    return D.pixels_to_uint8(jax.vmap(one)(lr_input, keys), decode)
 
 
 class Upscaler:
