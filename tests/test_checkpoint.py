@@ -81,9 +81,9 @@ def test_an_unreadable_or_non_finite_checkpoint_falls_back_and_when_none_is_left
     assert int(restored.step) == 1 and sorted(ckpts.manager.all_steps()) == [1, 2, 3]  # without set_aside: kept
     ckpts.manager.delete(1)
     with pytest.raises(CheckpointError, match=r"no usable checkpoint in .*ckpts: step 3 is unreadable \(.*\); "
-                       r"step 2 holds NaN or inf values \(moved to .*rejected\); rerun to train from the start"):
+                       r"step 2 holds NaN or inf values; all left in place: if the files are damaged, move them away"):
         ckpts.restore_latest(_state(4096), set_aside=tmp_path / "rejected")
-    assert sorted(p.name for p in (tmp_path / "rejected").iterdir()) == ["2", "3"]
+    assert sorted(ckpts.manager.all_steps()) == [2, 3] and not (tmp_path / "rejected").exists()  # the machine's fault?
     ckpts.close()
 
 

@@ -155,22 +155,25 @@ class TrainCheckpoints:
 
     def restore_latest(self, abstract_state, set_aside: Path | None = None):
         """The newest state, placed like `abstract_state` (arrays or ShapeDtypeStructs), that reads back as saved
-        and finite; None if there are no checkpoints. Newer ones that fail are reported and, with `set_aside`,
-        moved there, so that training can write their steps again."""
+        and finite; None if there are no checkpoints. Newer ones that fail are reported and, once an older one has
+        read back soundly, moved to `set_aside` (if given) so that training can write their steps again; when none
+        does, nothing is moved, as the cause may be the machine rather than the files."""
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         rejected = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             problem, state = self._read(step, target)
             if problem is None:
+                for bad, why in rejected:
+                    where = self._set_aside(bad, set_aside) if set_aside is not None else "left in place"
+                    logging.warning("the checkpoint at %s %s; %s", self.directory / str(bad), why, where)
                 if rejected:
                     logging.warning("using the checkpoint of step %d instead", step)
                 return state
-            rejected.append(f"step {step} {problem}")
-            where = self._set_aside(step, set_aside) if set_aside is not None else "left in place"
-            logging.warning("the checkpoint at %s %s; %s", self.directory / str(step), problem, where)
+            rejected.append((step, problem))
         if rejected:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(rejected)
-                                  + (f" (moved to {set_aside}); rerun to train from the start" if set_aside else ""))
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s} {why}" for s, why in rejected)
+                + "; all left in place: if the files are damaged, move them away to train from the start")
         return None
 
     def _read(self, step: int, target):
