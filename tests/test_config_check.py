@@ -57,9 +57,8 @@ def test_rules_across_fields():
     assert str(raised.value) == "invalid config (3 values): " + "; ".join(config_check.problems(config))
 
 
-def _main(tmp_path, *flags, env=None):
-    args = [sys.executable, "-m", "vdvae_sr_jax.main", "--config=configs/demo.py", f"--workdir={tmp_path / 'run'}",
-            *flags]
+def _main(tmp_path, *flags, env=None, config="configs/demo.py"):
+    args = [sys.executable, "-m", "vdvae_sr_jax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}", *flags]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -74,6 +73,15 @@ def test_main_reports_invalid_values_and_unknown_keys_in_one_line_before_running
     done = _main(tmp_path, "--config.train.stepz=3", env=subprocess_env)
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["--config.train.stepz: the config has no key 'stepz'; did you mean 'steps'?"]
+
+    broken = tmp_path / "broken.py"
+    broken.write_text("from configs.demo import get_config as demo\n\n\ndef get_config():\n    config = demo()\n"
+                      "    config.train.steps = config.train.no_such_key\n    return config\n")
+    done = _main(tmp_path, env=subprocess_env, config=broken)
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [  # a bug in the file is not taken for an unknown override
+        "--config: AttributeError while building the config: \"'no_such_key'\" (run with VDVAE_SR_TRACEBACK=1 for "
+        "the traceback)"]
 
     done = _main(tmp_path, "--config.train.steps=-1", env=dict(subprocess_env, VDVAE_SR_TRACEBACK="1"))
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr

@@ -144,6 +144,7 @@ def test_expand_inputs_from_a_file_a_folder_and_a_glob(tmp_path):
     assert expand_inputs(tmp_path) == ([tmp_path / n for n in names], [])
     assert expand_inputs(str(tmp_path / "**" / "*.png")) == ([tmp_path / "a.png", tmp_path / "sub" / "c.png"], [])
     assert expand_inputs(str(tmp_path / "*")) == ([tmp_path / "a.png", tmp_path / "b.jpg"], [])
+    assert expand_inputs(str(tmp_path / "**")) == ([tmp_path / n for n in names], [])  # as glob.glob's recursive **
     assert input_root(tmp_path) == tmp_path and input_root(tmp_path / "a.png") is None
     assert input_root(str(tmp_path / "sub" / "**" / "*.png")) == tmp_path / "sub"
     with pytest.raises(FileNotFoundError, match="nothing.png"):

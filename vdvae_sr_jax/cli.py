@@ -45,17 +45,23 @@ def parse_flags(argv: list[str]) -> list[str]:
         resolved.append(arg)
     try:
         return app.parse_flags_with_usage(resolved)
-    except (AttributeError, KeyError) as error:  # ml_collections: an override of a key the config lacks
-        raise SystemExit(_unknown_key(error, resolved)) from None
+    except (AttributeError, KeyError) as error:  # an override of a key the config lacks, or a bug in the file
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        raise SystemExit(_config_error(error, resolved)) from None
 
 
-def _unknown_key(error: Exception, argv: list[str]) -> str:
-    """One line for an override of a config key that does not exist, with ml_collections' suggestion if any."""
+def _config_error(error: Exception, argv: list[str]) -> str:
+    """One line for an override of a config key that does not exist (with ml_collections' suggestion, if any), or
+    else for an error raised while the config file was built."""
     text = str(error)
     hint = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
     key = hint.group(2) if hint else next(iter(re.findall(r"(\w+)", text)), "?")
     flag = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")),
-                "--config")
+                None)
+    if flag is None:
+        return f"--config: {type(error).__name__} while building the config: {text} (run with {TRACEBACK_VARIABLE}=1 " \
+               "for the traceback)"
     return f"{flag}: the config has no key {key!r}" + (f"; did you mean {hint.group(1)!r}?" if hint else "")
 
 

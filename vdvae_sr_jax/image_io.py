@@ -86,7 +86,9 @@ def expand_inputs(spec: str | Path) -> tuple[list[Path], list[str]]:
         found, skipped = find_images(path.rglob("*"))
     elif is_pattern(spec):
         root = input_root(spec)
-        found, skipped = find_images(root.glob(str(Path(*path.parts[len(root.parts):]))))
+        pattern = Path(*path.parts[len(root.parts):])
+        pattern = pattern / "*" if pattern.name == "**" else pattern  # a bare ** matches only folders in pathlib
+        found, skipped = find_images(root.glob(str(pattern)))
     else:
         raise FileNotFoundError(f"input {spec} does not exist")
     if not found:
@@ -119,11 +121,12 @@ def sixteen_to_eight_bit(values: np.ndarray) -> np.ndarray:
 def low_bytes(path: str | Path, im: Image.Image) -> Image.Image | None:
     """For an opened 16-bit RGB or RGBA PNG, of which Pillow keeps the high bytes, the same image decoded again to
     its low bytes with Pillow's little-endian unpacker, EXIF orientation applied; None for any other image."""
-    rawmode = im.tile[0].args if im.format == "PNG" and len(im.tile) == 1 else None
+    rawmode = im.tile[0][3] if im.format == "PNG" and len(im.tile) == 1 else None
     if rawmode not in ("RGB;16B", "RGBA;16B") or "transparency" in im.info:
         return None
     with open_image(path) as low:
-        low.tile = [low.tile[0]._replace(args=rawmode.replace(";16B", ";16L"))]
+        tile, args = low.tile[0], rawmode.replace(";16B", ";16L")  # a named tuple from Pillow 11, a tuple before
+        low.tile = [tile._replace(args=args) if hasattr(tile, "_replace") else (*tile[:3], args)]
         low.load()
         return ImageOps.exif_transpose(low)
 
