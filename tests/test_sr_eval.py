@@ -94,15 +94,23 @@ def test_ntire_metrics_of_one_image_follow_the_challenge():
 
 
 def test_ntire_samples_are_written_under_the_challenges_names(tmp_path):
-    one, two = np.zeros((2, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 7, np.uint8)
-    table = {"bicubic": {"outputs": [one[0], one[1]]}, "VDVAE-SR t=0.6 mean+ibp": {"outputs": [two, None]}}
-    folders = sr_eval.write_ntire_samples(tmp_path, table)
-    assert folders == {"bicubic": str(tmp_path / "bicubic"),
-                       "VDVAE-SR t=0.6 mean+ibp": str(tmp_path / "VDVAE-SR_t_0.6_mean+ibp")}
+    one, three = np.zeros((1, 8, 8, 3), np.uint8), np.full((3, 8, 8, 3), 7, np.uint8)
+    sr_eval.write_ntire_samples(tmp_path, "bicubic", 0, one)
+    sr_eval.write_ntire_samples(tmp_path, "bicubic", 1, one)
+    sr_eval.write_ntire_samples(tmp_path, "VDVAE-SR t=0.6 mean+ibp", 0, three)
     assert sorted(p.name for p in (tmp_path / "bicubic").iterdir()) == ["000000.png", "000001.png"]
     written = sorted((tmp_path / "VDVAE-SR_t_0.6_mean+ibp").iterdir())
     assert [p.name for p in written] == [f"000000_sample{k:05d}.png" for k in range(3)]
-    np.testing.assert_array_equal(np.asarray(Image.open(written[2])), two[2])
+    np.testing.assert_array_equal(np.asarray(Image.open(written[2])), three[2])
+
+
+def test_larger_external_outputs_are_cropped_as_the_challenge_crops_them(tmp_path):
+    """DIV2K images 1356 pixels high lose 4 rows to the multiple-of-8 crop; other models' full-size outputs still
+    count, cropped to the HR image."""
+    hr = data.embedded_photos()[0][1][:44, :40]
+    Image.fromarray(data.embedded_photos()[0][1][:47, :41]).save(tmp_path / "astronaut_x4.png")
+    np.testing.assert_array_equal(sr_eval._external("Other", tmp_path, "astronaut.png", hr), hr)
+    assert sr_eval._external("Other", tmp_path, "astronaut.png", data.embedded_photos()[0][1][:48, :40]) is None
 
 
 def test_model_rows_are_one_per_temperature_and_decoding():

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -111,39 +112,49 @@ def model_rows(temperatures, decodings) -> list[str]:
     return [f"VDVAE-SR t={t:g} {decoding}" for t in temperatures for decoding in decodings]
 
 
-def _rows(images, lrs, upscaler_for, methods, scale, perc, externals) -> dict[str, dict]:
-    """{row name: {'metrics': [per-image dicts], 'first': [first sample per image], 'outputs': [...]}} for bicubic,
-    each model row in `methods` (made by `upscaler_for(name)`) and each external folder."""
-    rows = {"bicubic": [bicubic_upscale(lr, scale) for lr in lrs]}
+def _external(name: str, folder: Path, image_name: str, hr: np.ndarray) -> np.ndarray | None:
+    """Another model's output for `image_name`, cropped to the HR image's size (HR images may have been cropped to
+    a multiple of 8, as the challenge's measure.py crops outputs); None, with a warning, if there is none that big."""
+    path = external_output(folder, image_name)
+    sr = image_io.load_image(path).rgb if path is not None else None
+    if sr is None or sr.shape[0] < hr.shape[0] or sr.shape[1] < hr.shape[1]:
+        logging.warning("%s: no output of at least the size of %s (%s) in %s; left out of its row", name, image_name,
+                        hr.shape, folder)
+        return None
+    return sr[: hr.shape[0], : hr.shape[1]]
+
+
+def _rows(images, lrs, upscaler_for, methods, scale, perc, externals, on_output=None, on_image=None) -> dict:
+    """{row name: {'metrics': [per-image dicts], 'first': [first sample per image], 'indices': [its image]}} for
+    bicubic, each model row in `methods` (made by `upscaler_for(name)`) and each external folder. Image by image:
+    each output is measured and handed to `on_output(row, image index, samples)` as it is made, then the first
+    samples of all rows to `on_image(index, {row: first sample})`; only what FID needs is kept beyond that."""
+    upscalers = {name: upscaler_for(name) for name in methods}
+    table = {name: {"metrics": [], "first": [], "indices": []} for name in ["bicubic", *methods, *externals]}
     with tqdm(total=len(methods) * len(lrs), desc="evaluate", unit="image", disable=not methods) as progress:
-        for name in methods:
-            upscaler = upscaler_for(name)
-            rows[name] = []
-            for i, lr in enumerate(lrs):
-                progress.set_postfix_str(name.removeprefix("VDVAE-SR "))
-                rows[name].append(upscaler.upscale(lr, i))
-                progress.update()
-    for name, folder in externals.items():
-        outputs = []
-        for (image_name, hr) in images:
-            path = external_output(folder, image_name)
-            sr = image_io.load_image(path).rgb if path is not None else None
-            if sr is None or sr.shape != hr.shape:
-                logging.warning("%s: no output of the size of %s (%s) in %s; left out of its row", name, image_name,
-                                hr.shape, folder)
-                sr = None
-            outputs.append(sr)
-        rows[name] = outputs
-    table = {}
-    for name, outputs in rows.items():
-        per_image, first = [], []
-        for (_, hr), lr, out in zip(images, lrs, outputs):
-            if out is None:
-                continue
-            samples = out if out.ndim == 4 else out[None]
-            per_image.append(image_metrics(samples, hr, lr, scale, perc))
-            first.append(samples[0])
-        table[name] = {"metrics": per_image, "first": first, "outputs": outputs}
+        for i, ((image_name, hr), lr) in enumerate(zip(images, lrs)):
+            firsts = {}
+            for name, row in table.items():
+                if name == "bicubic":
+                    out = bicubic_upscale(lr, scale)
+                elif name in upscalers:
+                    progress.set_postfix_str(name.removeprefix("VDVAE-SR "))
+                    out = upscalers[name].upscale(lr, i)
+                    progress.update()
+                else:
+                    out = _external(name, externals[name], image_name, hr)
+                if out is None:
+                    continue
+                samples = out if out.ndim == 4 else out[None]
+                row["metrics"].append(image_metrics(samples, hr, lr, scale, perc))
+                row["indices"].append(i)
+                if perc.inception is not None:
+                    row["first"].append(samples[0])
+                if on_output is not None:
+                    on_output(name, i, samples)
+                firsts[name] = samples[0]
+            if on_image is not None:
+                on_image(i, firsts)
     return table
 
 
@@ -154,8 +165,7 @@ def summarise(table: dict, hrs: list[np.ndarray], perc: PerceptualMetrics) -> di
         means = {k: float(np.mean([m[k] for m in row["metrics"]])) for k in COLUMNS if row["metrics"]
                  and all(k in m for m in row["metrics"])}
         if perc.inception is not None and len(row["first"]) >= 2:
-            kept = [hr for hr, out in zip(hrs, row["outputs"]) if out is not None]
-            means["fid"] = perc.fid(row["first"], kept)
+            means["fid"] = perc.fid(row["first"], [hrs[i] for i in row["indices"]])
         summary[name] = {"n_images": len(row["metrics"]), **means}
     return summary
 
@@ -191,22 +201,19 @@ def write_figure(path: Path, lr: np.ndarray, columns: list[np.ndarray], labels: 
     figures.save_grid(path, [np.stack([nearest, *columns])], labels=["LR", *labels])
 
 
-def write_ntire_samples(folder: Path, table: dict) -> dict[str, str]:
-    """Each row's samples under the challenge's names, `{image:06d}_sample{k:05d}.png` (a single output:
-    `{image:06d}.png`), one folder per row, so that its own scoring script can run on them; {row: folder}."""
-    folders = {}
-    for name, row in table.items():
-        row_folder = folder / re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_")
-        row_folder.mkdir(parents=True, exist_ok=True)
-        for i, out in enumerate(row["outputs"]):
-            if out is None:
-                continue
-            samples = out if out.ndim == 4 else out[None]
-            for k, sample in enumerate(samples):
-                stem = f"{i:06d}_sample{k:05d}" if len(samples) > 1 else f"{i:06d}"
-                Image.fromarray(sample).save(row_folder / f"{stem}.png")
-        folders[name] = str(row_folder)
-    return folders
+def ntire_sample_path(folder: Path, row: str, image: int, sample: int, n_samples: int) -> Path:
+    """Where a sample goes under the challenge's names: `{image:06d}_sample{k:05d}.png` (a single output:
+    `{image:06d}.png`), one folder per row, so that its own scoring script can run on them."""
+    stem = f"{image:06d}_sample{sample:05d}" if n_samples > 1 else f"{image:06d}"
+    return folder / re.sub(r"[^A-Za-z0-9.+-]+", "_", row).strip("_") / f"{stem}.png"
+
+
+def write_ntire_samples(folder: Path, row: str, image: int, samples: np.ndarray) -> None:
+    """Writes one image's samples [S, H, W, 3] of a row at their `ntire_sample_path`s."""
+    for k, sample in enumerate(samples):
+        path = ntire_sample_path(folder, row, image, k, len(samples))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample).save(path)
 
 
 def _notes(config, scale: int, protocol: str, perc: PerceptualMetrics) -> list[str]:
@@ -258,7 +265,17 @@ def evaluate_sr(config, model, params, images: list[tuple[str, np.ndarray]], out
             return Upscaler(model, params, config.data, settings)
 
         lrs = [bicubic_downscale(hr[None], scale)[0] for _, hr in prepared]
-        table = _rows(prepared, lrs, upscaler_for, methods, scale, perc, externals if protocol != "thesis" else {})
+        samples_dir = out_dir / "ntire_samples"
+        on_output = partial(write_ntire_samples, samples_dir) if protocol == "ntire" else None
+
+        def on_image(i, firsts, protocol=protocol, prepared=prepared, lrs=lrs):
+            if cfg.figures:
+                name, hr = prepared[i]
+                write_figure(out_dir / "figures" / f"{protocol}_{i:03d}_{Path(name).stem}.png", lrs[i],
+                             [*firsts.values(), hr], [r.removeprefix("VDVAE-SR ") for r in firsts] + ["HR"], scale)
+
+        table = _rows(prepared, lrs, upscaler_for, methods, scale, perc, externals if protocol != "thesis" else {},
+                      on_output, on_image)
         summary = summarise(table, [hr for _, hr in prepared], perc)
         stem = out_dir / f"{config.data.dataset.replace(' ', '_')}_{protocol}"
         title = f"{config.data.dataset}, {protocol} protocol ({len(prepared)} images)"
@@ -266,14 +283,7 @@ def evaluate_sr(config, model, params, images: list[tuple[str, np.ndarray]], out
         result["protocols"][protocol] = {"summary": summary, "markdown": str(md), "csv": str(csv_path)}
         combined.update({f"{protocol}: {name}": row for name, row in summary.items()})
         if protocol == "ntire":
-            result["protocols"][protocol]["samples"] = write_ntire_samples(out_dir / "ntire_samples", table)
-        if cfg.figures:
-            for i, ((name, hr), lr) in enumerate(zip(prepared, lrs)):
-                kept = [(row_name, row["outputs"][i]) for row_name, row in table.items()
-                        if row["outputs"][i] is not None]
-                columns = [o if o.ndim == 3 else o[0] for _, o in kept]
-                write_figure(out_dir / "figures" / f"{protocol}_{i:03d}_{Path(name).stem}.png", lr, columns + [hr],
-                             [row_name.removeprefix("VDVAE-SR ") for row_name, _ in kept] + ["HR"], scale)
+            result["protocols"][protocol]["samples"] = str(samples_dir)
     if len(cfg.protocols) > 1:
         md, csv_path = write_tables(combined, out_dir / f"{config.data.dataset.replace(' ', '_')}_all",
                                     f"{config.data.dataset}, all protocols", [])
