@@ -19,7 +19,7 @@ from scipy import sparse
 from vdvae_sr_jax.resize import sparse_weight_matrix
 
 BAND = 64  # HR rows held in float at a time
-SUGGESTED_STEPS = 8  # with margin, every sample of the demo model reaches the NTIRE protocol's LR-PSNR >= 45 dB
+SUGGESTED_STEPS = 8  # what evaluate.back_projection_steps defaults to: enough to pass the 45 dB LR-PSNR mark
 
 
 def along_rows(matrix: sparse.sparray, x: np.ndarray) -> np.ndarray:
