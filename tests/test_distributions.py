@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.integrate import trapezoid
 from scipy.special import expit, logsumexp
+from scipy.stats import logistic
 
 from vdvae_sr_jax import distributions as D
 
@@ -97,27 +99,49 @@ def test_dmol_sample_histogram_matches_probabilities():
     assert 0.5 * np.abs(counts - np.diff(cdf)).sum() < 0.01
 
 
-def test_dmol_mean_matches_a_plain_transcription_and_the_mean_of_samples():
+def _plain_dmol_mean(logits, nr_mix):
+    """dmol_mean transcribed with loops, the clipped logistic's mean by numerical integration of its density."""
+    grid = np.linspace(-60, 60, 600_001)
+
+    def clipped_mean(loc, scale):
+        return trapezoid(np.clip(grid, -1, 1) * logistic.pdf(grid, loc, scale), grid)
+
+    out = np.zeros(logits.shape[:-1] + (3,))
+    for idx in np.ndindex(logits.shape[:-1]):
+        pi = np.exp(logits[idx][:nr_mix] - logsumexp(logits[idx][:nr_mix]))
+        p = logits[idx][nr_mix:].reshape(3, 3 * nr_mix)
+        mu, scale, c = p[:, :nr_mix], np.exp(np.maximum(p[:, nr_mix : 2 * nr_mix], -7.0)), np.tanh(p[:, 2 * nr_mix :])
+        for k in range(nr_mix):
+            r = clipped_mean(mu[0, k], scale[0, k])
+            g = clipped_mean(mu[1, k] + c[0, k] * r, scale[1, k])
+            b = clipped_mean(mu[2, k] + c[1, k] * r + c[2, k] * g, scale[2, k])
+            out[idx] += pi[k] * np.array([r, g, b])
+    return out
+
+
+@pytest.mark.parametrize("saturated", [False, True])
+def test_dmol_mean_matches_a_plain_transcription_and_the_mean_of_samples(saturated):
+    """Away from the edges every channel equals the samples' mean; with means beyond +-1 (white and black areas),
+    red, whose mean is exact, still does, where clipping the unclipped mean would not."""
     nr_mix = 4
     logits = np.asarray(_random_logits(jax.random.key(3), (2, 3), nr_mix), np.float64)
     params = logits[..., nr_mix:].reshape(2, 3, 3, 3 * nr_mix)  # a view: per channel, means, log-scales, coeffs
-    params[..., :nr_mix] *= 0.3  # means and scales well inside (-1, 1): clipping hardly moves the samples' mean
-    params[..., nr_mix : 2 * nr_mix] = -3.0
+    if saturated:
+        params[..., 0, :nr_mix] = np.linspace(0.8, 1.6, nr_mix)  # red components around and past white
+        params[..., 0, nr_mix : 2 * nr_mix] = -1.5
+    else:
+        params[..., :nr_mix] *= 0.3  # means and scales well inside (-1, 1)
+        params[..., nr_mix : 2 * nr_mix] = -3.0
     mean = np.asarray(D.dmol_mean(jnp.asarray(logits, jnp.float32)))
-    expected = np.zeros((2, 3, 3))
-    for idx in np.ndindex(2, 3):
-        pi = np.exp(logits[idx][:nr_mix] - logsumexp(logits[idx][:nr_mix]))
-        p = logits[idx][nr_mix:].reshape(3, 3 * nr_mix)
-        mu, c = p[:, :nr_mix], np.tanh(p[:, 2 * nr_mix:])
-        for k in range(nr_mix):
-            r = mu[0, k]
-            g = mu[1, k] + c[0, k] * r
-            b = mu[2, k] + c[1, k] * r + c[2, k] * g
-            expected[idx] += pi[k] * np.array([r, g, b])
-    np.testing.assert_allclose(mean, np.clip(expected, -1, 1), atol=1e-6)
+    np.testing.assert_allclose(mean, _plain_dmol_mean(logits, nr_mix), atol=2e-5)
     keys = jax.random.split(jax.random.key(4), 20_000)
-    draws = jax.vmap(lambda k: D.dmol_sample(k, jnp.asarray(logits[None], jnp.float32))[0])(keys)
-    np.testing.assert_allclose(np.asarray(draws).mean(0), mean, atol=0.02)
+    draws = np.asarray(jax.vmap(lambda k: D.dmol_sample(k, jnp.asarray(logits[None], jnp.float32))[0])(keys))
+    channels = slice(0, 1) if saturated else slice(None)
+    np.testing.assert_allclose(draws.mean(0)[..., channels], mean[..., channels], atol=0.01)
+    if saturated:  # the old closed form, the clipped mean of the unclipped components, misses by far more
+        mu = params[..., 0, :nr_mix]
+        pi = np.exp(logits[..., :nr_mix] - logsumexp(logits[..., :nr_mix], axis=-1, keepdims=True))
+        assert np.abs(np.clip((pi * mu).sum(-1), -1, 1) - draws.mean(0)[..., 0]).max() > 0.05
 
 
 def test_means_round_to_the_nearest_level_where_draws_truncate():

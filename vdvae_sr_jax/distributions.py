@@ -102,17 +102,26 @@ def dmol_sample(key, logits):
     return jnp.stack([x0, x1, x2], axis=-1)
 
 
+def clipped_logistic_mean(loc, log_scale, low: float = -1.0, high: float = 1.0):
+    """E[clip(X, low, high)] for X logistic with location `loc` and scale exp(`log_scale`), in closed form:
+    low + s * (softplus((loc - low) / s) - softplus((loc - high) / s))."""
+    s = jnp.exp(log_scale)
+    return low + s * (jax.nn.softplus((loc - low) / s) - jax.nn.softplus((loc - high) / s))
+
+
 def dmol_mean(logits):
-    """The mixture's expected image [N, H, W, 3] in [-1, 1]: per component, the logistic means chained through the
-    channel coefficients as sampling chains the draws, weighted by the mixture probabilities; clipped to [-1, 1] as a
-    sample is (the edge bins' mass is not folded in). Deterministic and differentiable."""
+    """The mixture's expected image [N, H, W, 3] in [-1, 1], weighted by the mixture probabilities: per component,
+    red is the exact mean of its clipped logistic; green and blue chain the means before them through the channel
+    coefficients, as sampling chains the draws (exact where those channels do not saturate). Deterministic and
+    differentiable."""
     nr_mix = logits.shape[-1] // 10
-    mix_logits, means, _, coeffs = _split_dmol(logits, nr_mix)
-    m0 = means[..., 0, :]
-    m1 = means[..., 1, :] + coeffs[..., 0, :] * m0
-    m2 = means[..., 2, :] + coeffs[..., 1, :] * m0 + coeffs[..., 2, :] * m1
+    mix_logits, means, log_scales, coeffs = _split_dmol(logits, nr_mix)
+    m0 = clipped_logistic_mean(means[..., 0, :], log_scales[..., 0, :])
+    m1 = clipped_logistic_mean(means[..., 1, :] + coeffs[..., 0, :] * m0, log_scales[..., 1, :])
+    m2 = clipped_logistic_mean(means[..., 2, :] + coeffs[..., 1, :] * m0 + coeffs[..., 2, :] * m1,
+                               log_scales[..., 2, :])
     weights = jax.nn.softmax(mix_logits, axis=-1)[..., None, :]
-    return jnp.clip((jnp.stack([m0, m1, m2], axis=-2) * weights).sum(-1), -1.0, 1.0)
+    return (jnp.stack([m0, m1, m2], axis=-2) * weights).sum(-1)
 
 
 def mean_to_uint8(x):
