@@ -21,11 +21,13 @@ def vdvae_config(
         )
         | data
     )
+    # train.lr_consistency_weight (VDVAE-SR, 0 = off): adds that weight times srez's L1 between the MATLAB-bicubic
+    # downscale of the decoded output (the DMoL mean) and the LR image to the ELBO.
     config.train = ml_collections.ConfigDict(
         dict(
             adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100, frozen=(),
             steps=1000, steps_per_epoch=200, log_every=50, sample_every=0, checkpoint_every=1000,
-            keep_checkpoints=3, skip_warning_steps=500, seed=0,
+            keep_checkpoints=3, skip_warning_steps=500, seed=0, lr_consistency_weight=0.0,
         )
         | train
     )

@@ -154,3 +154,51 @@ def test_a_frozen_encoder_gets_no_backward_pass():
     # Training the encoder adds a weight and an input gradient per convolution, less the image's input gradient.
     # (The posterior's c1 reads concat[state, activations], whose input gradient the state needs either way.)
     assert gradient_convolutions(()) - gradient_convolutions(("encoder",)) == 2 * n_encoder - 1
+
+
+def _tiny_sr_batch():
+    from test_upscale import tiny_model_and_params
+
+    from vdvae_sr_jax import data
+
+    config, model, params = tiny_model_and_params()
+    hr = np.stack([im[:16, :16] for _, im in data.embedded_photos()[:2]])
+    return config, model, params, data.model_batch(hr, config.data, False, 4, lr_target=True), hr
+
+
+def test_lr_consistency_is_the_l1_of_the_downscaled_mean_and_off_at_weight_zero():
+    """Issue 23's first option: at weight 0 the loss is the ELBO's program, op for op; at weight w it adds w times
+    the mean |MATLAB-downscale(DMoL mean) - LR|, which a NumPy transcription checks."""
+    from vdvae_sr_jax import distributions as D
+    from vdvae_sr_jax.resize import imresize
+
+    config, model, params, batch, hr = _tiny_sr_batch()
+    trainable, frozen = train.split_params(params, ("encoder",))
+    rng = jax.random.key(0)
+    args = (trainable, frozen, batch, rng)
+    assert str(jax.make_jaxpr(train.elbo_loss(model, 0.0))(*args)) == str(jax.make_jaxpr(train.elbo_loss(model))(*args))
+    forward = jax.jit(lambda p: model.apply({"params": p}, *train.model_inputs(batch), rngs={"sample": rng}))(params)
+    loss, metrics = jax.jit(train.elbo_loss(model, 0.5))(*args)
+    mean = np.asarray(D.dmol_mean(forward["logits"].astype(jnp.float32)), np.float64)
+    expected = np.abs(np.stack([imresize(m, 0.25) for m in mean]) - batch["lr_target"]).mean()
+    assert float(metrics["lr_consistency"]) == pytest.approx(expected, rel=1e-5)
+    assert float(loss) == pytest.approx(float(forward["elbo"]) + 0.5 * expected, rel=1e-6)
+    lr_uint8 = np.stack([imresize(im, 0.25) for im in hr]).round().clip(0, 255)
+    np.testing.assert_allclose(batch["lr_target"], lr_uint8 / 127.5 - 1, atol=1e-6)  # the LR in the target's range
+
+
+def test_the_lr_consistency_gradient_reaches_the_decoder_and_the_lr_encoder_only():
+    """With the HR encoder frozen, the term's gradient is non-zero on the decoder and the LR encoder, and the frozen
+    encoder has none to get: it is not among the trainable params."""
+    config, model, params, batch, _ = _tiny_sr_batch()
+    trainable, frozen = train.split_params(params, ("encoder",))
+
+    def term(p):
+        stats = model.apply({"params": train.merge_params(p, frozen)}, *train.model_inputs(batch),
+                            rngs={"sample": jax.random.key(0)})
+        return train.lr_consistency(stats["logits"], batch["lr_target"], 4)
+
+    grads = jax.jit(jax.grad(term))(trainable)
+    norms = {part: float(optax.tree.norm(grads[part])) for part in grads}
+    assert set(norms) == {"decoder", "lr_encoder"} and "encoder" in frozen
+    assert norms["decoder"] > 1e-4 and norms["lr_encoder"] > 1e-6, norms

@@ -65,6 +65,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.adam_beta1": _number(0.0, 1.0),
     "train.adam_beta2": _number(0.0, 1.0),
     "train.adam_eps": _number(0.0),
+    "train.lr_consistency_weight": _number(0.0),
     "sample.num": _whole(1),
     "sample.temperatures": (_temperatures, "one or more numbers of at least 0"),
     "upscale.temperature": (_temperatures, "a number of at least 0, or one per layer"),

@@ -153,12 +153,17 @@ def hr_batches(images: list[np.ndarray], size: int, batch: int, seed: int, mode:
         raise ValueError(f"unknown data.preprocess {mode!r}: use 'thesis' or 'crops'")
 
 
-def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None) -> dict[str, np.ndarray]:
-    """Normalised model inputs for uint8 HR images; with `lr_factor`, the LR input downscaled from them too."""
+def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None,
+                lr_target: bool = False) -> dict[str, np.ndarray]:
+    """Normalised model inputs for uint8 HR images; with `lr_factor`, the LR input downscaled from them too, and,
+    with `lr_target`, that LR image in the likelihood's range (for the LR-consistency loss)."""
     inp, target = normalize(hr_uint8, data, low_bit)
     batch = {"input": inp, "target": target}
     if lr_factor:
-        batch["lr_input"] = normalize(downscale(hr_uint8, lr_factor, data.downscale), data)[0]
+        lr_input, lr_in_target_range = normalize(downscale(hr_uint8, lr_factor, data.downscale), data)
+        batch["lr_input"] = lr_input
+        if lr_target:
+            batch["lr_target"] = lr_in_target_range
     return batch
 
 

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
+from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.resize import bicubic_downscale_jax
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -155,13 +158,28 @@ def model_inputs(batch) -> tuple:
     return (batch["input"], batch["target"]) + ((batch["lr_input"],) if "lr_input" in batch else ())
 
 
-def elbo_loss(model) -> Callable:
-    """The (conditional) ELBO as a training loss, with distortion, rate and per-layer KL [L] as metrics."""
+def lr_consistency(logits, lr_target, factor: int) -> jax.Array:
+    """srez's LR-consistency term: the mean L1 distance between the MATLAB-bicubic downscale of the decoded output
+    (the DMoL mean, which is differentiable) and the LR image, both in the likelihood's [-1, 1] range."""
+    down = bicubic_downscale_jax(D.dmol_mean(logits.astype(jnp.float32)), factor)
+    return jnp.abs(down - lr_target).mean()
+
+
+def elbo_loss(model, lr_consistency_weight: float = 0.0) -> Callable:
+    """The (conditional) ELBO as a training loss, with distortion, rate and per-layer KL [L] as metrics; for a
+    VDVAE-SR with `lr_consistency_weight` > 0, plus that weight times `lr_consistency` of the posterior pass's
+    output (batches then carry `lr_target`)."""
 
     def loss_fn(params, frozen, batch, rng):
         stats = model.apply({"params": merge_params(params, frozen)}, *model_inputs(batch), rngs={"sample": rng})
         metrics = {"distortion": stats["distortion"].mean(), "rate": stats["rate"].mean(),
                    "kl_per_layer": stats["kl"].mean(axis=0)}
-        return stats["elbo"], metrics
+        loss = stats["elbo"]
+        if lr_consistency_weight > 0:
+            factor = batch["target"].shape[1] // batch["lr_target"].shape[1]
+            metrics["elbo"] = stats["elbo"]
+            metrics["lr_consistency"] = lr_consistency(stats["logits"], batch["lr_target"], factor)
+            loss = loss + lr_consistency_weight * metrics["lr_consistency"]
+        return loss, metrics
 
     return loss_fn

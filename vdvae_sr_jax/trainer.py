@@ -120,8 +120,9 @@ def run(config, workdir: Path) -> dict:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
 
+    lr_weight = cfg.get("lr_consistency_weight", 0.0) if is_sr else 0.0
     step_fn = jax.jit(
-        partial(train.train_step, loss_fn=train.elbo_loss(model), tx=tx, train=cfg),
+        partial(train.train_step, loss_fn=train.elbo_loss(model, lr_weight), tx=tx, train=cfg),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
@@ -133,8 +134,8 @@ def run(config, workdir: Path) -> dict:
     val_hr = data.validation_crops(config.data, size, config.data.eval_images)
     n_dims = size * size * 3
 
-    def global_batch(hr_uint8):
-        local = data.model_batch(hr_uint8, config.data, model.low_bit, lr_factor)
+    def global_batch(hr_uint8, lr_target=False):
+        local = data.model_batch(hr_uint8, config.data, model.low_bit, lr_factor, lr_target)
         return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
     forward_model = model.clone(scan_unroll=1)  # evaluation and sampling: the rolled loop compiles fastest
@@ -148,7 +149,7 @@ def run(config, workdir: Path) -> dict:
     reporter = _Reporter(workdir)
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
-    batches = prefetch(global_batch(hr) for hr in hr_iter)
+    batches = prefetch(global_batch(hr, lr_target=lr_weight > 0) for hr in hr_iter)
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
         log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims)
@@ -236,8 +237,9 @@ class _TrainLog:
         record.update(skipped_total=int(fetched["skipped_total"]), step_seconds=seconds,
                       images_per_second=self.batch_size / seconds)
         self.reporter.write(step, record)
-        self.first_elbo = record["loss"] if self.first_elbo is None else self.first_elbo
-        self.last_elbo = record["loss"]
+        elbo = record.get("elbo", record["loss"])  # the loss is the ELBO unless an added term is on
+        self.first_elbo = elbo if self.first_elbo is None else self.first_elbo
+        self.last_elbo = elbo
         self.bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
         self.watch.update(record["skipped_total"], steps, record["grad_norm"])
 
