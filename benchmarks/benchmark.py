@@ -144,9 +144,9 @@ def model_flops(config, make_step, args) -> int:
 
 
 def train_step(config, model):
-    """The trainer's jitted step of `model`, with the state donated."""
-    step = partial(train.train_step, loss_fn=train.elbo_loss(model), tx=train.make_optimizer(config.train),
-                   train=config.train)
+    """The trainer's jitted step of `model` (with the config's added loss terms), with the state donated."""
+    loss_fn = train.elbo_loss(model, _lr_consistency_weight(config, model))
+    step = partial(train.train_step, loss_fn=loss_fn, tx=train.make_optimizer(config.train), train=config.train)
     return jax.jit(step, donate_argnums=0)
 
 
@@ -158,7 +158,12 @@ def train_inputs(config, model, batch_size: int) -> tuple:
     size = model.image_size
     hr = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), np.uint8)
     lr_factor = size // model.lr_image_size if isinstance(model, VDVAESR) else None
-    return state, jax.device_put(data.model_batch(hr, config.data, model.low_bit, lr_factor)), frozen
+    batch = data.model_batch(hr, config.data, model.low_bit, lr_factor, _lr_consistency_weight(config, model) > 0)
+    return state, jax.device_put(batch), frozen
+
+
+def _lr_consistency_weight(config, model) -> float:
+    return config.train.get("lr_consistency_weight", 0.0) if isinstance(model, VDVAESR) else 0.0
 
 
 def upscale_step(config, model):
