@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from vdvae_sr_jax.train import all_finite
+
 
 def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
@@ -78,9 +80,7 @@ def _checksum(x: jax.Array) -> jax.Array:
 
 @jax.jit
 def _fingerprint(leaves: list[jax.Array]) -> tuple[list[jax.Array], jax.Array]:
-    checksums = [_checksum(x) for x in leaves]
-    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
-    return checksums, jnp.all(jnp.stack([jnp.isfinite(x).all() for x in floats]))
+    return [_checksum(x) for x in leaves], all_finite(leaves)
 
 
 def fingerprint(state) -> tuple[dict[str, dict], bool]:
