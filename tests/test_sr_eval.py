@@ -114,8 +114,9 @@ def test_larger_external_outputs_are_cropped_as_the_challenge_crops_them(tmp_pat
 
 
 def test_model_rows_are_one_per_temperature_and_decoding():
-    assert sr_eval.model_rows((0.1, 0.6), ("sample", "mean+ibp")) == [
-        "VDVAE-SR t=0.1 sample", "VDVAE-SR t=0.1 mean+ibp", "VDVAE-SR t=0.6 sample", "VDVAE-SR t=0.6 mean+ibp"]
+    assert sr_eval.model_rows((0.1, 0.6), ("sample", "mean+ibp")) == {
+        "VDVAE-SR t=0.1 sample": (0.1, "sample"), "VDVAE-SR t=0.1 mean+ibp": (0.1, "mean+ibp"),
+        "VDVAE-SR t=0.6 sample": (0.6, "sample"), "VDVAE-SR t=0.6 mean+ibp": (0.6, "mean+ibp")}
     with pytest.raises(ValueError, match="evaluate.decodings entry 'median'"):
         sr_eval.model_rows((0.1,), ("median",))
 

@@ -104,12 +104,12 @@ def image_metrics(samples: np.ndarray, hr: np.ndarray, lr: np.ndarray, scale: in
     return out
 
 
-def model_rows(temperatures, decodings) -> list[str]:
-    """The model's row names, one per temperature and decoding, e.g. 'VDVAE-SR t=0.6 mean+ibp'."""
+def model_rows(temperatures, decodings) -> dict[str, tuple[float, str]]:
+    """{row name: (temperature, decoding)}, one row per temperature and decoding, e.g. 'VDVAE-SR t=0.6 mean+ibp'."""
     for decoding in decodings:
         if decoding not in ROW_DECODINGS:
             raise ValueError(f"evaluate.decodings entry {decoding!r}: use one of {', '.join(ROW_DECODINGS)}")
-    return [f"VDVAE-SR t={t:g} {decoding}" for t in temperatures for decoding in decodings]
+    return {f"VDVAE-SR t={t:g} {decoding}": (float(t), decoding) for t in temperatures for decoding in decodings}
 
 
 def _external(name: str, folder: Path, image_name: str, hr: np.ndarray) -> np.ndarray | None:
@@ -258,7 +258,7 @@ def evaluate_sr(config, model, params, images: list[tuple[str, np.ndarray]], out
         n_samples = cfg.ntire_samples if protocol == "ntire" else cfg.num_samples
 
         def upscaler_for(name, n_samples=n_samples):
-            t, decoding = float(name.split("t=")[1].split()[0]), name.rsplit(" ", 1)[1]
+            t, decoding = methods[name]
             settings = dataclasses.replace(
                 base, temperature=t, num_samples=n_samples, std_map=False, decode=decoding.removesuffix("+ibp"),
                 back_projection_steps=cfg.back_projection_steps if decoding.endswith("+ibp") else 0)
