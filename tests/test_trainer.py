@@ -14,9 +14,9 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent / "tiny_training.py"
 
 
-def _start(env, workdir, steps, per_device, devices=1, checkpoint_every=1000):
+def _start(env, workdir, steps, per_device, devices=1, checkpoint_every=1000, options=()):
     env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    args = [sys.executable, str(SCRIPT), str(workdir), str(steps), str(per_device), str(checkpoint_every)]
+    args = [sys.executable, str(SCRIPT), str(workdir), str(steps), str(per_device), str(checkpoint_every), *options]
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -1,7 +1,9 @@
 """Runs a few steps of a very small VDVAE-SR with trainer.run and saves its EMA and raw params; used by the
 trainer tests in subprocesses (fake CPU devices must be set up before jax is imported).
 
-    python tests/tiny_training.py WORKDIR STEPS BATCH_PER_DEVICE [CHECKPOINT_EVERY]
+    python tests/tiny_training.py WORKDIR STEPS BATCH_PER_DEVICE [CHECKPOINT_EVERY [TRAIN_KEY=VALUE ...]]
+
+The TRAIN_KEY=VALUE pairs set numbers in config.train, e.g. adversarial_weight=0.1.
 """
 
 import sys
@@ -31,6 +33,9 @@ def tiny_config(steps: int, batch_per_device: int, checkpoint_every: int):
 def main() -> None:
     workdir, steps, per_device = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     config = tiny_config(steps, per_device, int(sys.argv[4]) if len(sys.argv) > 4 else 1000)
+    for pair in sys.argv[5:]:
+        key, value = pair.split("=")
+        config.train[key] = float(value)
     result = trainer.run(config, workdir)
     model = model_from_config(config)
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", config.train.keep_checkpoints)
@@ -38,6 +43,7 @@ def main() -> None:
     ckpts.close()
     flat = {f"params/{k}": v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     flat |= {f"ema/{k}": v for k, v in jax.tree_util.tree_flatten_with_path(state.ema_params)[0]}
+    flat |= {f"disc/{k}": v for k, v in jax.tree_util.tree_flatten_with_path(state.disc)[0]}
     np.savez(workdir / "final.npz", **{str(k): np.asarray(v) for k, v in flat.items()},
              step=int(state.step), stopped=result["stopped"], devices=jax.device_count())
 

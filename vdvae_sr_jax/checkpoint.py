@@ -49,12 +49,13 @@ def load_params(directory: str | Path) -> tuple[Any, dict[str, Any]]:
     return jax.tree_util.tree_map(np.asarray, restored.params), restored.metadata
 
 
-def graft(params, loaded, at: str, source: str):
-    """`params` with the subtree `at` replaced, leaf by leaf, by `loaded` (a subset of it); shapes must agree."""
+def graft(params, loaded, at: str | None, source: str):
+    """`params` with the subtree `at` (None: the whole tree) replaced, leaf by leaf, by `loaded` (a subset of it);
+    shapes must agree."""
     flat = flax.traverse_util.flatten_dict(params)
     errors = []
     for path, value in flax.traverse_util.flatten_dict(loaded).items():
-        target = (at, *path)
+        target = (at, *path) if at else path
         if target not in flat:
             errors.append(f"{'/'.join(path)} is not a parameter of {at}")
         elif flat[target].shape != value.shape:
@@ -62,7 +63,7 @@ def graft(params, loaded, at: str, source: str):
         else:
             flat[target] = value
     if errors:
-        raise ValueError(f"{source} does not fit {at}:\n  " + "\n  ".join(errors))
+        raise ValueError(f"{source} does not fit {at or 'the model'}:\n  " + "\n  ".join(errors))
     return flax.traverse_util.unflatten_dict(flat)
 
 

@@ -66,6 +66,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.adam_beta2": _number(0.0, 1.0),
     "train.adam_eps": _number(0.0),
     "train.lr_consistency_weight": _number(0.0),
+    "train.perceptual_weight": _number(0.0),
+    "train.perceptual_net": _one_of("lpips_vgg", "lpips_alex"),
+    "train.adversarial_weight": _number(0.0),
+    "train.disc_widths": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_whole(1)[0](w) for w in v),
+                          "a tuple of one or more whole numbers of at least 1, e.g. \"(64,128,256)\""),
+    "train.disc_lr": _number(0.0, open_low=True),
+    "train.disc_beta1": _number(0.0, 1.0),
+    "train.disc_beta2": _number(0.0, 1.0),
     "sample.num": _whole(1),
     "sample.temperatures": (_temperatures, "one or more numbers of at least 0"),
     "upscale.temperature": (_temperatures, "a number of at least 0, or one per layer"),
@@ -117,6 +125,12 @@ def problems(config) -> list[str]:
     decodings, steps = _get(config, "evaluate.decodings"), _get(config, "evaluate.back_projection_steps")
     if steps == 0 and isinstance(decodings, (tuple, list)) and any(str(d).endswith("+ibp") for d in decodings):
         found.append("evaluate.back_projection_steps=0: the '+ibp' rows of evaluate.decodings need at least 1 step")
+    if _get(config, "model.lr_image_size") is _MISSING:
+        for term in ("lr_consistency", "perceptual", "adversarial"):
+            weight = _get(config, f"train.{term}_weight")
+            if weight is not _MISSING and weight != 0:
+                found.append(f"train.{term}_weight={weight!r}: the added loss terms need a VDVAE-SR (a config with "
+                             "model.lr_image_size); use 0 for a VDVAE")
     tile, overlap = _get(config, "model.lr_image_size"), _get(config, "upscale.overlap")
     if isinstance(tile, int) and isinstance(overlap, int) and not overlap < tile:
         found.append(f"upscale.overlap={overlap!r}: must be less than the LR tile, model.lr_image_size={tile}")

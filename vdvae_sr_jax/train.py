@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from vdvae_sr_jax import distributions as D
+from vdvae_sr_jax.perceptual import lpips_from_signed
 from vdvae_sr_jax.resize import bicubic_downscale_jax
 
 
@@ -38,6 +39,7 @@ class TrainState:
     skipped: jax.Array
     rng: jax.Array  # raw key data (uint32), so the state checkpoints as plain arrays
     unravel: Callable = flax.struct.field(pytree_node=False)
+    disc: Any = None  # the discriminator's `adversarial.DiscState` when adversarial fine-tuning is on
 
     @property
     def params(self):
@@ -96,17 +98,24 @@ def train_step(
     state: TrainState,
     batch,
     frozen,
+    critics=None,
     *,
-    loss_fn: Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]],
+    loss_fn: Callable[..., tuple[jax.Array, dict]],
     tx: optax.GradientTransformation,
     train,
+    adversary=None,
 ) -> tuple[TrainState, dict]:
-    """One update of the trainable params; `loss_fn(params, frozen, batch, rng) -> (loss, metrics)`.
+    """One update of the trainable params; `loss_fn(params, frozen, batch, rng[, critics]) -> (loss, metrics)`.
 
     `frozen` params (e.g. the HR encoder) are inputs only: no gradient, optimiser state or EMA is kept for them.
+    `critics` (LPIPS weights), and the discriminator's params when the state has one, are read by added loss terms
+    as inputs too. With an `adversary`, the discriminator then takes its own update on the loss's decoded outputs.
     """
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, frozen, batch, step_rng)
+    args = (state.params, frozen, batch, step_rng)
+    if critics is not None or state.disc is not None:
+        args += (dict(critics or {}, disc=None if state.disc is None else state.disc.params),)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(*args)
     grads = ravel_pytree(grads)[0]
     grad_norm = optax.tree.norm(grads)
     lr = warmup_schedule(train)(state.step)
@@ -130,6 +139,9 @@ def train_step(
         skipped=state.skipped + (1 - apply.astype(jnp.int32)),
         rng=jax.random.key_data(rng),
     )
+    if adversary is not None:
+        disc, disc_metrics = adversary.update(state.disc, batch["target"], metrics.pop("decoded"))
+        new_state, metrics = new_state.replace(disc=disc), dict(metrics, **disc_metrics)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, lr=lr, skipped_update=1 - apply.astype(jnp.int32),
                    skipped_total=new_state.skipped)
     return new_state, metrics
@@ -158,28 +170,39 @@ def model_inputs(batch) -> tuple:
     return (batch["input"], batch["target"]) + ((batch["lr_input"],) if "lr_input" in batch else ())
 
 
-def lr_consistency(logits, lr_target, factor: int) -> jax.Array:
+def lr_consistency(decoded, lr_target, factor: int) -> jax.Array:
     """srez's LR-consistency term: the mean L1 distance between the MATLAB-bicubic downscale of the decoded output
-    (the DMoL mean, which is differentiable) and the LR image, both in the likelihood's [-1, 1] range."""
-    down = bicubic_downscale_jax(D.dmol_mean(logits.astype(jnp.float32)), factor)
-    return jnp.abs(down - lr_target).mean()
+    and the LR image, both in the likelihood's [-1, 1] range."""
+    return jnp.abs(bicubic_downscale_jax(decoded, factor) - lr_target).mean()
 
 
-def elbo_loss(model, lr_consistency_weight: float = 0.0) -> Callable:
+def elbo_loss(model, lr_consistency_weight: float = 0.0, perceptual_weight: float = 0.0,
+              adversarial_weight: float = 0.0, adversary=None) -> Callable:
     """The (conditional) ELBO as a training loss, with distortion, rate and per-layer KL [L] as metrics; for a
-    VDVAE-SR with `lr_consistency_weight` > 0, plus that weight times `lr_consistency` of the posterior pass's
-    output (batches then carry `lr_target`)."""
+    VDVAE-SR, plus each weight times its term on the posterior pass's decoded output (the DMoL mean, which is
+    differentiable): `lr_consistency` (batches then carry `lr_target`), LPIPS to the HR image (with the weights in
+    `critics["lpips"]`) and the `adversary`'s generator loss (with the discriminator's params in
+    `critics["disc"]`). Each term and the ELBO are then metrics too, and so is the decoded output, as `decoded`."""
 
-    def loss_fn(params, frozen, batch, rng):
+    def loss_fn(params, frozen, batch, rng, critics=None):
         stats = model.apply({"params": merge_params(params, frozen)}, *model_inputs(batch), rngs={"sample": rng})
         metrics = {"distortion": stats["distortion"].mean(), "rate": stats["rate"].mean(),
                    "kl_per_layer": stats["kl"].mean(axis=0)}
         loss = stats["elbo"]
-        if lr_consistency_weight > 0:
-            factor = batch["target"].shape[1] // batch["lr_target"].shape[1]
+        if lr_consistency_weight or perceptual_weight or adversarial_weight:
+            decoded = D.dmol_mean(stats["logits"].astype(jnp.float32))
             metrics["elbo"] = stats["elbo"]
-            metrics["lr_consistency"] = lr_consistency(stats["logits"], batch["lr_target"], factor)
+        if lr_consistency_weight:
+            factor = batch["target"].shape[1] // batch["lr_target"].shape[1]
+            metrics["lr_consistency"] = lr_consistency(decoded, batch["lr_target"], factor)
             loss = loss + lr_consistency_weight * metrics["lr_consistency"]
+        if perceptual_weight:
+            metrics["perceptual"] = lpips_from_signed(critics["lpips"], decoded, batch["target"]).mean()
+            loss = loss + perceptual_weight * metrics["perceptual"]
+        if adversarial_weight:
+            metrics["adversarial"] = adversary.generator_loss(critics["disc"], decoded)
+            metrics["decoded"] = decoded
+            loss = loss + adversarial_weight * metrics["adversarial"]
         return loss, metrics
 
     return loss_fn

@@ -14,6 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,15 +22,19 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import checkpoint, data, evaluate, figures, train
+from vdvae_sr_jax import adversarial, checkpoint, data, evaluate, figures, perceptual, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 from vdvae_sr_jax.prefetch import prefetch
 
 
 def initial_params(config, model):
-    """Official init, then the converted HR model and LR encoder that `config.init` names, if any."""
+    """Official init, then the converted HR model and LR encoder that `config.init` names, if any, or the whole
+    VDVAE-SR of `init.sr_checkpoint`."""
     params = init_params(model, jax.random.key(config.train.seed))
+    sr_path = config.init.get("sr_checkpoint", "")
+    if sr_path:
+        return _trained_sr_params(config, model, Path(sr_path).expanduser())
     hr_path, lr_path = config.init.get("hr_checkpoint", ""), config.init.get("lr_encoder_checkpoint", "")
     if hr_path:
         hr_params, _ = _load(hr_path, "the HR VDVAE", config.init.hr_hint)
@@ -48,11 +53,59 @@ def _load(path: str, what: str, hint: str):
         raise SystemExit(f"no checkpoint of {what} at {path}: {hint}") from None
 
 
+def _trained_sr_params(config, model, path: Path):
+    """All params of a trained VDVAE-SR: the newest EMA params of a training workdir of a run without a
+    discriminator (its frozen params from this config's converted HR model), or an exported model."""
+    if (path / "checkpoints").is_dir():
+        sr_config = config.copy_and_resolve_references()
+        sr_config.init.sr_checkpoint, sr_config.train.adversarial_weight = "", 0.0
+        params = latest_ema_params(sr_config, model, path)
+        if params is None:
+            raise SystemExit(f"init.sr_checkpoint={path}: the workdir has no usable checkpoint")
+        return params
+    params, _ = _load(str(path), "the VDVAE-SR", "give a training workdir or an exported VDVAE-SR model")
+    initial = init_params(model, jax.random.key(config.train.seed))
+    missing = set(flax.traverse_util.flatten_dict(initial)) - set(flax.traverse_util.flatten_dict(params))
+    if missing:
+        raise SystemExit(f"init.sr_checkpoint={path} is not a whole VDVAE-SR of this config: it lacks "
+                         f"{len(missing)} params, e.g. {'/'.join(sorted(missing)[0])}")
+    return checkpoint.graft(initial, params, None, str(path))
+
+
+def training_objective(config, model) -> tuple:
+    """(loss_fn, critics, adversary): the ELBO plus the terms whose `config.train.*_weight` is set (VDVAE-SR
+    only), the LPIPS weights the perceptual term reads, and the discriminator of adversarial fine-tuning."""
+    cfg = config.train
+    weight = {term: cfg.get(f"{term}_weight", 0.0) if isinstance(model, VDVAESR) else 0.0
+              for term in ("lr_consistency", "perceptual", "adversarial")}
+    critics = None
+    if weight["perceptual"]:
+        critics = {"lpips": perceptual.load_lpips(cfg.perceptual_net.removeprefix("lpips_"))}
+    adversary = _adversary(config, model)
+    loss_fn = train.elbo_loss(model, weight["lr_consistency"], weight["perceptual"], weight["adversarial"], adversary)
+    return loss_fn, critics, adversary
+
+
+def _adversary(config, model) -> adversarial.Adversary | None:
+    """The discriminator of a VDVAE-SR config with `train.adversarial_weight` set, else None."""
+    on = isinstance(model, VDVAESR) and config.train.get("adversarial_weight", 0.0)
+    return adversarial.adversary_from_config(config.train) if on else None
+
+
+def new_state(config, model, trainable, tx, adversary) -> train.TrainState:
+    """A fresh training state for `trainable` params, with a fresh discriminator when there is an adversary."""
+    state = train.init_state(trainable, tx, jax.random.key(config.train.seed + 1))
+    if adversary is None:
+        return state
+    disc = adversary.init((model.image_size, model.image_size, 3), jax.random.key(config.train.seed + 2))
+    return state.replace(disc=disc)
+
+
 def abstract_state(config, model):
     """Shapes of the training state of `config` and its frozen params, without computing anything."""
     trainable, frozen = train.split_params(jax.eval_shape(lambda: init_params(model)), config.train.frozen)
     tx = train.make_optimizer(config.train)
-    return jax.eval_shape(lambda p: train.init_state(p, tx, jax.random.key(0)), trainable), frozen
+    return jax.eval_shape(lambda p: new_state(config, model, p, tx, _adversary(config, model)), trainable), frozen
 
 
 def latest_ema_params(config, model, workdir: Path):
@@ -112,7 +165,8 @@ def run(config, workdir: Path) -> dict:
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     trainable, frozen = train.split_params(initial_params(config, model), cfg.frozen)
     tx = train.make_optimizer(cfg)
-    state = jax.device_put(train.init_state(trainable, tx, jax.random.key(cfg.seed + 1)), replicated)
+    loss_fn, critics, adversary = training_objective(config, model)
+    state = jax.device_put(new_state(config, model, trainable, tx, adversary), replicated)
     frozen = jax.device_put(frozen, replicated)
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints)
     restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints")
@@ -120,10 +174,11 @@ def run(config, workdir: Path) -> dict:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
 
-    lr_weight = cfg.get("lr_consistency_weight", 0.0) if is_sr else 0.0
+    lr_target = is_sr and cfg.get("lr_consistency_weight", 0.0) > 0
+    critics = jax.device_put(critics, replicated)
     step_fn = jax.jit(
-        partial(train.train_step, loss_fn=train.elbo_loss(model, lr_weight), tx=tx, train=cfg),
-        in_shardings=(replicated, batch_sharding, replicated),
+        partial(train.train_step, loss_fn=loss_fn, tx=tx, train=cfg, adversary=adversary),
+        in_shardings=(replicated, batch_sharding, replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
@@ -149,12 +204,12 @@ def run(config, workdir: Path) -> dict:
     reporter = _Reporter(workdir)
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
-    batches = prefetch(global_batch(hr, lr_target=lr_weight > 0) for hr in hr_iter)
+    batches = prefetch(global_batch(hr, lr_target=lr_target) for hr in hr_iter)
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
         log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims)
         for step in range(start_step + 1, cfg.steps + 1):
-            state, metrics = step_fn(state, next(batches), frozen)
+            state, metrics = step_fn(state, next(batches), frozen, critics)
             bar.update()
             if step % cfg.log_every == 0 or step == cfg.steps:
                 log.add(step, metrics)
@@ -232,15 +287,16 @@ class _TrainLog:
         steps, now = step - self.step, time.perf_counter()
         seconds = (now - self.time) / steps
         self.step, self.time = step, now
-        record = {k: float(v) for k, v in fetched.items() if k not in ("kl_per_layer", "skipped_total")}
+        counts = ("skipped_total", "disc_skipped_total")
+        record = {k: float(v) for k, v in fetched.items() if k not in ("kl_per_layer", *counts)}
         record.update(per_resolution_rate(fetched["kl_per_layer"], self.dec_blocks, self.n_dims))
-        record.update(skipped_total=int(fetched["skipped_total"]), step_seconds=seconds,
-                      images_per_second=self.batch_size / seconds)
+        record.update({k: int(fetched[k]) for k in counts if k in fetched})
+        record.update(step_seconds=seconds, images_per_second=self.batch_size / seconds)
         self.reporter.write(step, record)
         elbo = record.get("elbo", record["loss"])  # the loss is the ELBO unless an added term is on
         self.first_elbo = elbo if self.first_elbo is None else self.first_elbo
         self.last_elbo = elbo
-        self.bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
+        self.bar.set_postfix(elbo=f"{elbo:.3f}", skipped=record["skipped_total"])
         self.watch.update(record["skipped_total"], steps, record["grad_norm"])
 
 
