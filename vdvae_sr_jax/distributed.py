@@ -3,8 +3,14 @@ process writes the run's files, and a SIGTERM stop that every process takes at t
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
+import socket
+import sys
+import traceback
+from typing import Callable
 
 import jax
 from jax.experimental import multihost_utils
@@ -23,6 +29,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          f"--process_id; {', '.join(missing)} missing")
     if not missing:
         _check_manual(coordinator_address, num_processes, process_id)
+        if process_id == 0:
+            _check_port_free(coordinator_address)
     # CPU processes exchange their collectives over TCP with gloo (JAX's default in recent releases, not all).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
@@ -33,8 +41,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                          "each process with --coordinator_address, --num_processes and --process_id") from None
     except jax.errors.JaxRuntimeError as error:
         if "Failed to start RPC server" in str(error):
-            raise ConnectionError(f"--coordinator_address={coordinator_address}: process 0 cannot listen on that port; "
-                                  "it is in use (another run, or a second process 0?): choose a free port") from None
+            raise _port_in_use(coordinator_address) from None
         raise ConnectionError(f"joining the processes at {coordinator_address} failed: "
                               f"{str(error).splitlines()[0]}") from None
     logging.info("process %d of %d, with %d of the %d devices", jax.process_index(), jax.process_count(),
@@ -51,6 +58,46 @@ def _check_manual(address: str, num_processes: int, process_id: int) -> None:
     if not 0 <= process_id < num_processes:
         raise ValueError(f"--process_id={process_id}: with --num_processes={num_processes} it is one of "
                          f"0..{num_processes - 1}")
+
+
+def _check_port_free(address: str) -> None:
+    """Process 0's coordinator listens on the port on every interface; JAX can crash, rather than raise, when the port
+    is taken, so it is tried here first."""
+    port = int(address.rpartition(":")[2])
+    dual = socket.has_dualstack_ipv6()
+    family = socket.AF_INET6 if dual else socket.AF_INET
+    try:
+        socket.create_server(("", port), family=family, dualstack_ipv6=dual).close()
+    except OSError:
+        raise _port_in_use(address) from None
+
+
+def _port_in_use(address: str) -> ConnectionError:
+    return ConnectionError(f"--coordinator_address={address}: process 0 cannot listen on that port; it is in use "
+                           "(another run, or a second process 0?): choose a free port")
+
+
+def leave_at_once(main: Callable) -> Callable:
+    """`main` (for `app.run`, outside `cli.one_line_errors`) such that, in a multi-process run, a process that fails
+    writes its error and exits at once. Exiting normally, it would wait in JAX's shutdown barrier for the others,
+    which wait in their next collective for it: both would hang. Gone, it stops sending heartbeats, and JAX
+    terminates the others after the heartbeat timeout."""
+
+    @functools.wraps(main)
+    def wrapped(*args):
+        try:
+            return main(*args)
+        except BaseException as error:
+            if not jax.distributed.is_initialized() or (isinstance(error, SystemExit) and not error.code):
+                raise
+            if isinstance(error, SystemExit):
+                print(error.code, file=sys.stderr, flush=True)
+            else:
+                traceback.print_exc()
+                sys.stderr.flush()
+            os._exit(1)
+
+    return wrapped
 
 
 def is_main_process() -> bool:

@@ -157,4 +157,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(distributed.leave_at_once(main), flags_parser=cli.parse_flags)
