@@ -157,24 +157,14 @@ def test_resumes_with_one_process_and_with_two_give_the_params_of_a_straight_run
         _assert_same_params(_params(zero, step), _params(straight, step), what)
 
 
-@pytest.mark.parametrize("how", ["killed", "failed"])
-def test_a_process_that_dies_makes_the_other_fail_within_the_heartbeat_timeout(tmp_path, subprocess_env, how):
-    """Killed: SIGKILL to process 1 after step 2. Failed: process 1's workdir lacks the checkpoints that process 0
-    creates, so its first save fails; it exits with that error rather than wait in JAX's shutdown for process 0."""
+def test_a_killed_process_makes_the_other_fail_within_the_heartbeat_timeout(tmp_path, subprocess_env):
     pair = [tmp_path / "process0", tmp_path / "process1"]
     (pair[0] / "checkpoints").mkdir(parents=True)
     pair[1].mkdir()
-    if how == "killed":
-        (pair[1] / "checkpoints").symlink_to(pair[0] / "checkpoints")
+    (pair[1] / "checkpoints").symlink_to(pair[0] / "checkpoints")
     processes = _start(subprocess_env, pair, 500)
-    if how == "killed":
-        _wait_for_step(pair[0], 2, processes)
-        processes[1].send_signal(signal.SIGKILL)
-    else:
-        processes[1].wait(timeout=900)
-        assert processes[1].returncode == 1
-        last = pair[1].with_suffix(".log").read_text().strip().splitlines()[-1]
-        assert last.endswith(f"No such file or directory: '{pair[1] / 'checkpoints'}'"), last
+    _wait_for_step(pair[0], 2, processes)
+    processes[1].send_signal(signal.SIGKILL)
     gone = time.time()
     try:
         processes[0].wait(timeout=HEARTBEAT + 60)
@@ -182,8 +172,12 @@ def test_a_process_that_dies_makes_the_other_fail_within_the_heartbeat_timeout(t
         processes[0].kill()
     output = pair[0].with_suffix(".log").read_text()
     assert processes[0].returncode != 0 and time.time() - gone < HEARTBEAT + 60, output[-3000:]
-    assert "Terminating process because the JAX distributed service detected fatal errors. This most likely " \
-           "indicates that another task died" in output, output[-3000:]
+    # Either the collective process 0 waits in sees the connection go (a one-line error), or JAX's heartbeat
+    # check terminates it, whichever comes first.
+    last = output.strip().splitlines()[-1]
+    assert re.fullmatch(r"JaxRuntimeError: .*Gloo \S+ failed: .*Connection reset by peer \(run with .*", last) or \
+        "Terminating process because the JAX distributed service detected fatal errors. This most likely indicates " \
+        "that another task died" in output, output[-3000:]
 
 
 @pytest.mark.parametrize("flags, message", [
