@@ -1,5 +1,6 @@
 """Runs a few steps of a very small VDVAE-SR with trainer.run and saves its EMA and raw params; used by the
-trainer tests in subprocesses (fake CPU devices must be set up before jax is imported).
+trainer tests in subprocesses (fake CPU devices must be set up before jax is imported). Also a config file for
+the command line: `--config=tests/tiny_training.py:STEPS,BATCH_PER_DEVICE,CHECKPOINT_EVERY`.
 
     python tests/tiny_training.py WORKDIR STEPS BATCH_PER_DEVICE [CHECKPOINT_EVERY [TRAIN_KEY=VALUE ...]]
 
@@ -15,19 +16,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs.demo import get_config  # noqa: E402
+from configs import demo  # noqa: E402
 from vdvae_sr_jax import checkpoint, trainer  # noqa: E402
 from vdvae_sr_jax.model import model_from_config  # noqa: E402
 
 
 def tiny_config(steps: int, batch_per_device: int, checkpoint_every: int):
-    config = get_config()
+    config = demo.get_config()
     config.model.update(width=16, zdim=2, image_size=16, lr_image_size=4, enc_blocks="16x1,16d2,8x1,8d2,4x1,4d4,1x1",
                         dec_blocks="1x1,4m1,8m4,8x1,16m8,16x1", lr_enc_blocks="4x1,4d4,1x1", lr_width=16)
     config.train.update(steps=steps, batch_size_per_device=batch_per_device, log_every=1, steps_per_epoch=1000,
                         sample_every=0, checkpoint_every=checkpoint_every, frozen=("encoder",))
     config.data.eval_images = 4
     return config
+
+
+def get_config(arg: str):
+    return tiny_config(*map(int, arg.split(",")))
 
 
 def main() -> None:

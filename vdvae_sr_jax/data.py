@@ -101,19 +101,28 @@ def validation_crops(data, size: int, n: int) -> np.ndarray:
     return np.stack([center_crop(im, size) for _, im in load_images(data, size, "validation")[:n]])
 
 
-def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, start: int = 0) -> Iterator[np.ndarray]:
-    """Endless batches of random size x size crops with horizontal flips; batch k depends only on (seed, k)."""
+def random_crop(images: list[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random size x size crop of a random one of `images`, flipped horizontally half the time."""
+    image = images[rng.integers(len(images))]
+    top = rng.integers(image.shape[0] - size + 1)
+    left = rng.integers(image.shape[1] - size + 1)
+    crop = image[top : top + size, left : left + size]
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, start: int = 0,
+                 rows: range | None = None) -> Iterator[np.ndarray]:
+    """Endless batches of random size x size crops with horizontal flips from batch `start` on; row r of batch k
+    depends only on (seed, k, r). `rows` (all by default) are the rows of each batch to make."""
+    return _batches(lambda rng: random_crop(images, size, rng), batch, seed, start, rows)
+
+
+def _batches(draw, batch: int, seed: int, start: int, rows: range | None) -> Iterator[np.ndarray]:
+    """Endless uint8 batches of `rows` (of `batch`): row r of batch k is `draw` of a generator seeded (seed, k, r)."""
+    rows = range(batch) if rows is None else rows
     k = start
     while True:
-        rng = np.random.default_rng([seed, k])
-        out = np.empty((batch, size, size, 3), np.uint8)
-        for i in range(batch):
-            image = images[rng.integers(len(images))]
-            top = rng.integers(image.shape[0] - size + 1)
-            left = rng.integers(image.shape[1] - size + 1)
-            crop = image[top : top + size, left : left + size]
-            out[i] = crop[:, ::-1] if rng.random() < 0.5 else crop
-        yield out
+        yield np.stack([draw(np.random.default_rng([seed, k, r])) for r in rows])
         k += 1
 
 
@@ -129,28 +138,17 @@ def downscale(hr_uint8: np.ndarray, factor: int, method: str) -> np.ndarray:
     raise ValueError(f"unknown data.downscale {method!r}: use 'matlab' or 'pil'")
 
 
-def host_shard(images: list, process_index: int, process_count: int) -> list:
-    """This host's share of the images (every process_count-th one), so each host reads only its own."""
-    shard = images[process_index::process_count]
-    if not shard:
-        raise ValueError(f"host {process_index} of {process_count} got no images out of {len(images)}")
-    return shard
-
-
-def hr_batches(images: list[np.ndarray], size: int, batch: int, seed: int, mode: str, start: int = 0):
+def hr_batches(images: list[np.ndarray], size: int, batch: int, seed: int, mode: str, start: int = 0,
+               rows: range | None = None) -> Iterator[np.ndarray]:
     """Endless uint8 HR batches from step `start` on: 'thesis' picks whole-image centre crops, 'crops' random
-    crops with flips. Batch k depends only on (seed, k), so a resumed run sees the same data."""
+    crops with flips. Row r of batch k depends only on (seed, k, r), so a resumed run sees the same data, and a
+    global batch is the same whatever the number of processes: each makes only its `rows` of it (all by default)."""
     if mode == "thesis":
         crops = [center_crop(im, size) for im in images]
-        k = start
-        while True:
-            rng = np.random.default_rng([seed, k])
-            yield np.stack([crops[i] for i in rng.integers(len(crops), size=batch)])
-            k += 1
-    elif mode == "crops":
-        yield from random_crops(images, size, batch, seed, start)
-    else:
-        raise ValueError(f"unknown data.preprocess {mode!r}: use 'thesis' or 'crops'")
+        return _batches(lambda rng: crops[rng.integers(len(crops))], batch, seed, start, rows)
+    if mode == "crops":
+        return random_crops(images, size, batch, seed, start, rows)
+    raise ValueError(f"unknown data.preprocess {mode!r}: use 'thesis' or 'crops'")
 
 
 def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None,

@@ -9,6 +9,7 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from vdvae_sr_jax import distributions as D
 from vdvae_sr_jax.data import model_batch
@@ -33,7 +34,8 @@ def mean_elbo(model: VDVAE, params, make_batch, hr_uint8: np.ndarray, n_devices:
     for k, start in enumerate(range(0, len(padded), n_devices)):
         chunk = padded[start : start + n_devices][index * local : (index + 1) * local]
         rng = jax.random.fold_in(jax.random.key(seed), k)
-        values.append(np.asarray(jax.device_get(_per_image_elbo(model, params, make_batch(chunk), rng))))
+        elbo = _per_image_elbo(model, params, make_batch(chunk), rng)  # split over the devices of every process
+        values.append(multihost_utils.process_allgather(elbo, tiled=True))
     return float(np.concatenate(values)[:n].mean())
 
 

@@ -8,11 +8,15 @@
     python -m vdvae_sr_jax.main --config=configs/sr64.py --workdir=runs/sr64 --mode=upscale \
         --input="photos/*.jpg" --output=photos_x4 --config.upscale.temperature=0.3
 
+    python -m vdvae_sr_jax.main --config=configs/sr64.py --workdir=/shared/runs/sr64 \
+        --coordinator_address=host0:8476 --num_processes=2 --process_id=0    # and --process_id=1 on the other host
+
 Rerunning `train` with the same workdir resumes from its latest checkpoint. `evaluate`, `sample` and
 `upscale` use the newest checkpoint in the workdir, else `config.checkpoint` (a converted model).
 A `--config=configs/<name>.py` that the working directory lacks is the installed project's config of that name,
 so these commands also run from other directories after `pip install`. `--library_logs` shows JAX's INFO logs
-and orbax's logs. An error is one line; VDVAE_SR_TRACEBACK=1 shows its traceback.
+and orbax's logs. An error is one line; VDVAE_SR_TRACEBACK=1 shows its traceback. In a multi-process run (all
+processes see the same workdir) process 0 alone writes the logs, sample grids and result files.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from vdvae_sr_jax import checkpoint, cli, config_check, data, evaluate, figures, sr_eval, trainer, upscale
+from vdvae_sr_jax import checkpoint, cli, config_check, data, distributed, evaluate, figures, sr_eval, trainer, upscale
 from vdvae_sr_jax.model import VDVAESR, model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "An ml_collections config file in configs/.")
@@ -37,7 +41,15 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Where checkpoints, me
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate", "sample", "upscale"], "What to run.")
 _INPUT = flags.DEFINE_string("input", None, "upscale: an image file, a folder or a glob pattern.")
 _OUTPUT = flags.DEFINE_string("output", None, "upscale: the folder for the outputs (never overwrites an input).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Join a multi-process run whose processes JAX finds in the "
+                                  "environment (SLURM, Open MPI, a Cloud TPU pod slice).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "A manual multi-process launch: HOST:PORT of process "
+                                   "0, which listens there; every process gives the same one.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "A manual multi-process launch: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "A manual multi-process launch: this process's index, "
+                                   "0 .. num_processes - 1.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that "
+                                  "stopped answering (killed, host down) makes JAX terminate the others.")
 
 
 def use_compilation_cache(path: str) -> None:
@@ -120,8 +132,8 @@ def finite_or_null(value):
 def main(argv) -> None:
     del argv
     cli.quiet_libraries()
-    if _DISTRIBUTED.value:
-        jax.distributed.initialize()
+    if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     config_check.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -137,11 +149,12 @@ def main(argv) -> None:
             result = run_mode(config, forward_model, params, workdir)
         else:
             result = upscale_images(config, forward_model, params)
-    text = json.dumps(finite_or_null(result), indent=1, allow_nan=False)
-    (workdir / f"{_MODE.value}_result.json").write_text(text)
-    print(text)
+    if distributed.is_main_process():
+        text = json.dumps(finite_or_null(result), indent=1, allow_nan=False)
+        (workdir / f"{_MODE.value}_result.json").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(distributed.leave_at_once(main), flags_parser=cli.parse_flags)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -22,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import adversarial, checkpoint, data, evaluate, figures, perceptual, train
+from vdvae_sr_jax import adversarial, checkpoint, data, distributed, evaluate, figures, perceptual, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 from vdvae_sr_jax.prefetch import prefetch
@@ -130,7 +129,8 @@ def per_resolution_rate(kl_per_layer: np.ndarray, dec_blocks: str, n_dims: int) 
 
 
 class _Reporter:
-    """Writes metrics to JSONL and TensorBoard (tensorboardX, no TensorFlow needed)."""
+    """Writes metrics to JSONL and TensorBoard (tensorboardX, no TensorFlow needed); `_Silent` on processes other
+    than 0."""
 
     def __init__(self, workdir: Path):
         from tensorboardX import SummaryWriter
@@ -152,6 +152,16 @@ class _Reporter:
         self.tb.close()
 
 
+class _Silent:
+    """The reporter of a process other than 0: writes nothing."""
+
+    def write(self, step: int, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run(config, workdir: Path) -> dict:
     """Trains (resuming from `workdir` if it holds checkpoints) and returns the final validation result."""
     model = model_from_config(config)
@@ -161,7 +171,9 @@ def run(config, workdir: Path) -> dict:
     n_dev, n_proc = jax.device_count(), jax.process_count()
     batch_size = cfg.batch_size_per_device * n_dev
 
-    mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    # Devices in process order: process p holds rows [p * B / P, (p + 1) * B / P) of each global batch of B.
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     trainable, frozen = train.split_params(initial_params(config, model), cfg.frozen)
     tx = train.make_optimizer(cfg)
@@ -183,9 +195,9 @@ def run(config, workdir: Path) -> dict:
         donate_argnums=0,
     )
     images = [im for _, im in data.load_images(config.data, size)]
-    local_images = data.host_shard(images, jax.process_index(), n_proc)
-    hr_iter = data.hr_batches(local_images, size, batch_size // n_proc, cfg.seed + jax.process_index(),
-                              config.data.preprocess, start=int(state.step))
+    local = batch_size // n_proc
+    hr_iter = data.hr_batches(images, size, batch_size, cfg.seed, config.data.preprocess, start=int(state.step),
+                              rows=range(jax.process_index() * local, (jax.process_index() + 1) * local))
     val_hr = data.validation_crops(config.data, size, config.data.eval_images)
     n_dims = size * size * 3
 
@@ -199,9 +211,8 @@ def run(config, workdir: Path) -> dict:
         params = train.merge_params(ema_params, frozen)
         return evaluate.mean_elbo(forward_model, params, global_batch, val_hr, n_dev, cfg.seed)
 
-    stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: stop.update(signal=signum))
-    reporter = _Reporter(workdir)
+    stop = distributed.SigtermStop()
+    reporter = _Reporter(workdir) if distributed.is_main_process() else _Silent()
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
     batches = prefetch(global_batch(hr, lr_target=lr_target) for hr in hr_iter)
@@ -227,11 +238,11 @@ def run(config, workdir: Path) -> dict:
             if is_sr and cfg.sample_every and step % cfg.sample_every == 0:
                 write_sr_samples(config, forward_model, train.merge_params(state.ema_params, frozen), val_hr,
                                  workdir / f"samples_{step:07d}.png")
-            if stop["signal"] is not None:
+            if stop(step):
                 log.flush()
                 if not saved:
                     saved = ckpts.save(step, state)
-                logging.warning("stopped by signal %d at step %d; %s", stop["signal"], step,
+                logging.warning("stopped by signal %d at step %d; %s", stop.signal, step,
                                 "a checkpoint was saved" if saved else "the state held NaN or inf and was not saved")
                 break
         bar.close()
@@ -243,10 +254,10 @@ def run(config, workdir: Path) -> dict:
         ckpts.close()
         reporter.close()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        stop.close()
     return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": log.first_elbo,
             "last_logged_elbo": log.last_elbo, "skipped_updates": int(state.skipped),
-            "stopped": stop["signal"] is not None}
+            "stopped": stop.signal is not None}
 
 
 def _close_quietly(*resources) -> None:
@@ -337,4 +348,6 @@ def write_sr_samples(config, model, params, hr_uint8: np.ndarray, path: Path) ->
                                                      jax.random.key(config.train.seed), config.upscale.decode)))
     columns.append(hr_uint8)
     labels = ["LR", "bicubic", *(f"t={t:g} {config.upscale.decode}" for t in config.sample.temperatures), "HR"]
+    if not distributed.is_main_process():  # every process takes part in sampling, process 0 writes the grid
+        return path
     return figures.save_grid(path, [np.stack(row) for row in zip(*columns)], labels=labels)
