@@ -2,7 +2,7 @@
 (tests/tfds_div2k.py): the lazy source, training and evaluation through `main`, and each error as one line.
 
 These tests need the project's `tfds` extra; .ci/run runs them in an environment of their own:
-    pip install -r requirements-tfds.txt && python -m pytest tests/test_tfds.py
+    pip install -r requirements-tfds.txt && python -m pytest -n 0 tests/test_tfds.py
 """
 
 import json

@@ -88,6 +88,7 @@ def prepared_builder(name: str, data_dir: str = "", download: bool = False):
     default) as array_record files with an `hr` image feature; with `download`, a dataset of TFDS's catalog that
     `data_dir` lacks is downloaded and prepared there first. Each way this fails is one error naming the key."""
     tfds = _import_tfds()
+    data_dir = os.path.expanduser(data_dir)
     where = data_dir or tfds.core.constants.DATA_DIR
     with _without_tfds_warnings():
         try:
