@@ -128,6 +128,12 @@ def test_each_misconfiguration_is_one_error_naming_the_key(div2k, tmp_path):
     assert str(raised.value) == (f"data.tfds_name='{images_only}' has no 'hr' image feature (its features: image); "
                                  "data.source='tfds' reads a DIV2K-like dataset's 'hr'")
 
+    float_hr = tfds_div2k.build(div2k["pngs"], data_dir, "float_hr")
+    with pytest.raises(ValueError) as raised:
+        tfds_source.hr_source(_config(div2k, tfds_name=float_hr), "train")
+    assert str(raised.value) == (f"data.tfds_name='{float_hr}': its 'hr' images are float32; data.source='tfds' "
+                                 "reads 8- or 16-bit images")
+
     with pytest.raises(ValueError) as raised:
         tfds_source.hr_source(_config(div2k, tfds_val_split="test"), "validation")
     assert str(raised.value) == (f"data.tfds_val_split='test': {div2k['name']} in {data_dir / div2k['name']}/1.0.0 "

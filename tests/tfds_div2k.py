@@ -22,16 +22,19 @@ SPLITS = ("train", "validation")
 
 class Div2kPngs(tfds.core.GeneratorBasedBuilder):
     """DIV2K's layout over the PNGs in the manual folder's train/ and validation/. Configs: 'bicubic_x4' (DIV2K's),
-    'images_only' (a single 'image' feature, no 'hr') and 'one_corrupt' (bicubic_x4 with a last validation
-    example whose 'hr' bytes are no image)."""
+    'images_only' (a single 'image' feature, no 'hr'), 'float_hr' (grey float32 'hr' images) and 'one_corrupt'
+    (bicubic_x4 with a last validation example whose 'hr' bytes are no image)."""
 
     VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in ("bicubic_x4", "images_only", "one_corrupt")]
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=n) for n in ("bicubic_x4", "images_only", "float_hr",
+                                                                 "one_corrupt")]
     MANUAL_DOWNLOAD_INSTRUCTIONS = "PNG files in <manual_dir>/train and <manual_dir>/validation"
 
     def _info(self):
         if self.builder_config.name == "images_only":
             features = {"image": tfds.features.Image()}
+        elif self.builder_config.name == "float_hr":
+            features = {"hr": tfds.features.Image(dtype=np.float32, shape=(None, None, 1))}
         else:
             features = {"lr": tfds.features.Image(), "hr": tfds.features.Image()}
         # In the files' order, as the folder source reads them, so both sources give the same batches.
@@ -46,6 +49,8 @@ class Div2kPngs(tfds.core.GeneratorBasedBuilder):
             hr = np.asarray(Image.open(path).convert("RGB"))
             if self.builder_config.name == "images_only":
                 yield path.name, {"image": hr}
+            elif self.builder_config.name == "float_hr":
+                yield path.name, {"hr": hr[..., :1].astype(np.float32) / 255}
             else:
                 # As TFDS's DIV2K: the HR file's bytes as they are, beside the LR image.
                 yield path.name, {"hr": path, "lr": bicubic_downscale(hr, 4)}

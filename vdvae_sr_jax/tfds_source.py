@@ -120,6 +120,9 @@ def prepared_builder(name: str, data_dir: str = "", download: bool = False):
     if "hr" not in names or not isinstance(features["hr"], tfds.features.Image):
         raise ValueError(f"data.tfds_name={name!r} has no 'hr' image feature (its features: "
                          f"{', '.join(names) or 'none'}); data.source='tfds' reads a DIV2K-like dataset's 'hr'")
+    if features["hr"].np_dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"data.tfds_name={name!r}: its 'hr' images are {np.dtype(features['hr'].np_dtype).name}; "
+                         "data.source='tfds' reads 8- or 16-bit images")
     return builder
 
 
