@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from vdvae_sr_jax import image_io
+from vdvae_sr_jax import image_io, tfds_source
 
 # Real photographs that ship inside scikit-image, so demos and tests need no download.
 EMBEDDED_PHOTOS = (
@@ -74,14 +74,14 @@ def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.n
 
 def load_images(data, min_size: int, split: str = "train") -> list[tuple[str, np.ndarray]]:
     """The images a config's `data.source` names: 'embedded', 'folder' (`data.folder`, or `data.val_folder` for
-    the validation split) or 'tfds' (`data.tfds_name`)."""
+    the validation split) or 'tfds' (`data.tfds_name` in `data.tfds_data_dir`)."""
     if data.source == "embedded":
         return embedded_photos()
     if data.source == "folder":
         folder = data.folder if split == "train" or not data.get("val_folder") else data.val_folder
         return folder_images(folder, min_size)
     if data.source == "tfds":
-        return tfds_images(data.tfds_name, data.tfds_train_split if split == "train" else data.tfds_val_split)
+        return tfds_source.named_images(data, split, min_size)
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
 
@@ -164,15 +164,3 @@ def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None
             batch["lr_target"] = lr_in_target_range
     return batch
 
-
-def tfds_images(name: str, split: str) -> list[tuple[str, np.ndarray]]:
-    """HR images of a TFDS dataset (e.g. 'div2k/bicubic_x4', whose 'hr' feature is used); needs tensorflow."""
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError:
-        raise ImportError(
-            "data.source='tfds' needs TensorFlow Datasets: `pip install tensorflow tensorflow-datasets`, "
-            "or use data.source='folder' with data.folder pointing at the DIV2K_train_HR images"
-        ) from None
-    dataset = tfds.as_numpy(tfds.load(name, split=split))
-    return [(f"{name}/{split}/{i}", example["hr"]) for i, example in enumerate(dataset)]
