@@ -21,10 +21,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import checkpoint, data, evaluate, figures, train
+from vdvae_sr_jax import checkpoint, data, evaluate, figures, pipeline, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
-from vdvae_sr_jax.prefetch import prefetch
 
 
 def initial_params(config, model):
@@ -105,7 +104,7 @@ def run(config, workdir: Path) -> dict:
     is_sr = isinstance(model, VDVAESR)
     lr_factor = model.image_size // model.lr_image_size if is_sr else None
     cfg, size = config.train, model.image_size
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    n_dev = jax.device_count()
     batch_size = cfg.batch_size_per_device * n_dev
 
     mesh = jax.make_mesh((n_dev,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -114,23 +113,21 @@ def run(config, workdir: Path) -> dict:
     tx = train.make_optimizer(cfg)
     state = jax.device_put(train.init_state(trainable, tx, jax.random.key(cfg.seed + 1)), replicated)
     frozen = jax.device_put(frozen, replicated)
+    lr_weight = cfg.get("lr_consistency_weight", 0.0) if is_sr else 0.0
+    batches = pipeline.training_batches(config, size, model.low_bit, lr_factor, batch_sharding, lr_weight > 0)
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints)
-    restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints")
+    restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints", data_iterator=batches.iterator)
     if restored is not None:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
+    batches.resume(int(state.step))
 
-    lr_weight = cfg.get("lr_consistency_weight", 0.0) if is_sr else 0.0
     step_fn = jax.jit(
         partial(train.train_step, loss_fn=train.elbo_loss(model, lr_weight), tx=tx, train=cfg),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    images = [im for _, im in data.load_images(config.data, size)]
-    local_images = data.host_shard(images, jax.process_index(), n_proc)
-    hr_iter = data.hr_batches(local_images, size, batch_size // n_proc, cfg.seed + jax.process_index(),
-                              config.data.preprocess, start=int(state.step))
     val_hr = data.validation_crops(config.data, size, config.data.eval_images)
     n_dims = size * size * 3
 
@@ -149,10 +146,9 @@ def run(config, workdir: Path) -> dict:
     reporter = _Reporter(workdir)
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
-    batches = prefetch(global_batch(hr, lr_target=lr_weight > 0) for hr in hr_iter)
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
-        log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims)
+        log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims, batches)
         for step in range(start_step + 1, cfg.steps + 1):
             state, metrics = step_fn(state, next(batches), frozen)
             bar.update()
@@ -163,10 +159,10 @@ def run(config, workdir: Path) -> dict:
                 log.flush()
                 val_elbo = validate(state.ema_params)
                 reporter.write(step, {"val_elbo": val_elbo})
-                ckpts.save(step, state, val_elbo)
+                ckpts.save(step, state, val_elbo, batches.iterator)
             elif step % cfg.checkpoint_every == 0:
                 log.flush()
-                ckpts.save(step, state)
+                ckpts.save(step, state, data_iterator=batches.iterator)
             else:
                 saved = False
             if is_sr and cfg.sample_every and step % cfg.sample_every == 0:
@@ -175,7 +171,7 @@ def run(config, workdir: Path) -> dict:
             if stop["signal"] is not None:
                 log.flush()
                 if not saved:
-                    saved = ckpts.save(step, state)
+                    saved = ckpts.save(step, state, data_iterator=batches.iterator)
                 logging.warning("stopped by signal %d at step %d; %s", stop["signal"], step,
                                 "a checkpoint was saved" if saved else "the state held NaN or inf and was not saved")
                 break
@@ -191,7 +187,7 @@ def run(config, workdir: Path) -> dict:
         signal.signal(signal.SIGTERM, previous)
     return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": log.first_elbo,
             "last_logged_elbo": log.last_elbo, "skipped_updates": int(state.skipped),
-            "stopped": stop["signal"] is not None}
+            "stopped": stop["signal"] is not None, "data_wait_share": log.data_wait_share()}
 
 
 def _close_quietly(*resources) -> None:
@@ -208,11 +204,12 @@ class _TrainLog:
     and waits for them only when it logs the next step or saves a checkpoint, by when they are long computed."""
 
     def __init__(self, reporter: _Reporter, watch: SkipWatch, bar, step: int, batch_size: int, dec_blocks: str,
-                 n_dims: int):
+                 n_dims: int, batches: pipeline.Batches):
         self.reporter, self.watch, self.bar = reporter, watch, bar
-        self.batch_size, self.dec_blocks, self.n_dims = batch_size, dec_blocks, n_dims
+        self.batch_size, self.dec_blocks, self.n_dims, self.batches = batch_size, dec_blocks, n_dims, batches
         self.pending = None
-        self.step, self.time = step, time.perf_counter()
+        self.step, self.time, self.waited = step, time.perf_counter(), batches.wait_seconds
+        self.start_time = self.time
         self.first_elbo = self.last_elbo = None
 
     def add(self, step: int, metrics: dict) -> None:
@@ -229,19 +226,23 @@ class _TrainLog:
             return
         (step, metrics), self.pending = self.pending, None
         fetched = jax.device_get(metrics)
-        steps, now = step - self.step, time.perf_counter()
-        seconds = (now - self.time) / steps
-        self.step, self.time = step, now
+        steps, now, waited = step - self.step, time.perf_counter(), self.batches.wait_seconds
+        seconds, data_wait_share = (now - self.time) / steps, (waited - self.waited) / (now - self.time)
+        self.step, self.time, self.waited = step, now, waited
         record = {k: float(v) for k, v in fetched.items() if k not in ("kl_per_layer", "skipped_total")}
         record.update(per_resolution_rate(fetched["kl_per_layer"], self.dec_blocks, self.n_dims))
         record.update(skipped_total=int(fetched["skipped_total"]), step_seconds=seconds,
-                      images_per_second=self.batch_size / seconds)
+                      images_per_second=self.batch_size / seconds, data_wait_share=data_wait_share)
         self.reporter.write(step, record)
         elbo = record.get("elbo", record["loss"])  # the loss is the ELBO unless an added term is on
         self.first_elbo = elbo if self.first_elbo is None else self.first_elbo
         self.last_elbo = elbo
         self.bar.set_postfix(elbo=f"{record['loss']:.3f}", skipped=record["skipped_total"])
         self.watch.update(record["skipped_total"], steps, record["grad_norm"])
+
+    def data_wait_share(self) -> float:
+        """The share of the time since training started spent waiting for batches."""
+        return self.batches.wait_seconds / max(time.perf_counter() - self.start_time, 1e-9)
 
 
 class SkipWatch:
