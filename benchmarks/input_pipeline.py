@@ -6,8 +6,7 @@ The 2K PNGs (2040x1356, DIV2K's size) are the embedded photos enlarged and cropp
 `--demo_before` names a source tree of the code before the pipeline (e.g. `git archive bce4afc | tar -x -C DIR`);
 both demos run in subprocesses with their batch iterator timed the same way.
 
-    python -m benchmarks.input_pipeline --images=800 --output=input_pipeline.json
-    python -m benchmarks.input_pipeline --images=800 --demo_before=/tmp/before --demo_steps=60
+    python -m benchmarks.input_pipeline --images=800 --demo_before=/tmp/before --output=input_pipeline.json
 """
 
 from __future__ import annotations
@@ -30,8 +29,8 @@ _IMAGES = flags.DEFINE_integer("images", 800, "2K PNGs in the folder read for th
 _FOLDER = flags.DEFINE_string("folder", "", "Where to write the PNGs (kept); default: a temporary folder.")
 _WORKERS = flags.DEFINE_list("workers", ["0", "1", "2", "4"], "Worker process counts to measure.")
 _SIZE = flags.DEFINE_integer("size", 256, "HR crop size (sr256's); the LR input is a quarter of it.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Rows per batch.")
-_BATCHES = flags.DEFINE_integer("batches", 6, "Timed batches per measurement, after one of warm-up.")
+_BATCH = flags.DEFINE_integer("batch", 4, "Rows per batch.")
+_BATCHES = flags.DEFINE_integer("batches", 6, "Timed batches per worker (at least one worker's worth), after as many.")
 _MEMORY_STEPS = flags.DEFINE_integer("memory_steps", 20, "Batches the pipeline reads in the memory measurement.")
 _DEMO_STEPS = flags.DEFINE_integer("demo_steps", 60, "Demo training steps, the first 10 (compiling) not counted; 0 "
                                    "skips the demo.")
@@ -71,17 +70,20 @@ def _rows(folder: Path, preprocess: str):
 
 
 def throughput(folder: Path, preprocess: str, workers: int) -> float:
-    """Images/s of the pipeline after one batch of warm-up (which starts the workers)."""
+    """Images/s of the pipeline in its steady state: over the second half of 2 * `--batches` * max(workers, 1)
+    batches, by when the batches its workers and threads had made ahead are used up."""
     from vdvae_sr_jax import pipeline
 
-    iterator = pipeline.local_batches(_rows(folder, preprocess), _BATCHES.value + 1, 0, workers)
-    next(iterator)
+    n = 2 * _BATCHES.value * max(workers, 1)
+    iterator = pipeline.local_batches(_rows(folder, preprocess), n, 0, workers)
+    for _ in range(n // 2):
+        next(iterator)
     start = time.perf_counter()
-    for _ in range(_BATCHES.value):
+    for _ in range(n - n // 2):
         next(iterator)
     seconds = time.perf_counter() - start
     iterator.close()
-    return _BATCHES.value * _BATCH.value / seconds
+    return (n - n // 2) * _BATCH.value / seconds
 
 
 def memory_child(folder: Path, way: str) -> dict:
