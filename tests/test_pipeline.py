@@ -2,7 +2,12 @@
 exact resume from the checkpointed iterator; unreadable images skipped and named; nothing decoded up front."""
 
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +222,35 @@ def test_the_embedded_source_serves_the_photos():
     source = data.hr_source(ml_collections.ConfigDict(dict(source="embedded")))
     assert len(source) == 8
     np.testing.assert_array_equal(source[1], data.embedded_photos()[1][1])
+
+
+KILLED = """
+import os, signal, sys
+sys.path[:0] = [sys.argv[2], os.path.dirname(sys.argv[2])]
+from test_pipeline import _rows
+from vdvae_sr_jax import data, pipeline
+if __name__ == "__main__":
+    iterator = pipeline.local_batches(_rows(data.folder_source(sys.argv[1])), 100, 0, 1)
+    next(iterator)
+    with open(sys.argv[3], "w") as f:
+        f.write(" ".join(str(c.pid) for c in __import__("multiprocessing").active_children()))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_workers_of_a_killed_training_process_exit(folder, tmp_path, subprocess_env):
+    script, log, pids = tmp_path / "killed.py", tmp_path / "killed.log", tmp_path / "pids"
+    script.write_text(KILLED)
+    with log.open("w") as out:  # a file, not a pipe: a worker left behind would hold a pipe open
+        done = subprocess.run([sys.executable, str(script), str(folder), os.path.dirname(__file__), str(pids)],
+                              env=subprocess_env, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    assert done.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    workers = [int(pid) for pid in pids.read_text().split()]
+    assert workers
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in workers):
+        time.sleep(0.2)
+    alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    for pid in alive:  # a worker of this test left behind: end it, then fail
+        os.kill(pid, signal.SIGKILL)
+    assert not alive

@@ -9,7 +9,12 @@ read is skipped (logged once by name) and the row draws again from its RNG.
 
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +54,7 @@ class Rows:
             raise ValueError(f"unknown data.preprocess {self.preprocess!r}: use 'thesis' or 'crops'")
 
     def __call__(self, i: int) -> dict[str, np.ndarray]:
+        _exit_with_parent()
         k, j = divmod(int(i), self.global_batch)
         process, slot = j % self.process_count, j // self.process_count
         return self.row(k, process * (self.global_batch // self.process_count) + slot)
@@ -83,6 +89,16 @@ class Rows:
             if len(self._unreadable) == len(self.source):
                 raise ValueError(f"none of the {len(self.source)} training images can be read: "
                                  + "; ".join(list(self._unreadable.values())[:3]))
+
+
+@functools.cache
+def _exit_with_parent() -> None:
+    """In a grain worker process, a thread that ends it when the training process dies: a killed trainer's workers
+    would otherwise wait for it forever."""
+    parent = multiprocessing.parent_process()
+    if parent is not None and multiprocessing.current_process().name.startswith("grain-"):
+        threading.Thread(target=lambda: (multiprocessing.connection.wait([parent.sentinel]), os._exit(1)),
+                         daemon=True).start()
 
 
 @dataclass(frozen=True)
