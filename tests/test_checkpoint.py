@@ -75,7 +75,7 @@ def test_an_unreadable_or_non_finite_checkpoint_falls_back_and_when_none_is_left
     poisoned = _state(4096, 2)
     poisoned = poisoned.replace(opt_state=optax.tree.set(poisoned.opt_state, mu=poisoned.flat_params.at[5].set(np.inf)))
     ckpts.manager.delete(2)
-    ckpts.manager.save(2, args=ocp.args.StandardSave(poisoned), force=True)  # as written before checksums
+    ckpts.manager.save(2, args=ocp.args.Composite(default=ocp.args.StandardSave(poisoned)), force=True)  # no checksums
     ckpts.manager.wait_until_finished()
     restored = ckpts.restore_latest(_state(4096))
     assert int(restored.step) == 1 and sorted(ckpts.manager.all_steps()) == [1, 2, 3]  # without set_aside: kept

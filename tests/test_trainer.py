@@ -89,6 +89,10 @@ def test_killed_run_resumes_to_identical_params(tmp_path, subprocess_env, straig
     assert int(resumed["step"]) == 6
     for key in straight:
         np.testing.assert_array_equal(resumed[key], straight[key], err_msg=key)
+    assert (tmp_path / "checkpoints" / "6" / "data" / "process_0-of-1.json").is_file()  # the data iterator's state
+    shares = [r["data_wait_share"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(shares) >= 6 and all(0 <= share < 1 for share in shares)
 
 
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_training_resumes_from_the_one_before(

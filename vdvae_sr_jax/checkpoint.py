@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,9 +96,34 @@ def fingerprint(state) -> tuple[dict[str, dict], bool]:
     return record, bool(finite)
 
 
+class _DataIteratorHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler of a data iterator's state (one JSON file per process), which also restores a checkpoint
+    written by another number of processes: the training pipeline's iterator state is the same in every process."""
+
+    def restore(self, directory, item=None, args=None):
+        own = Path(directory) / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item, args)
+        (item or args.item).set_state(json.loads(min(Path(directory).glob("process_*-of-*.json")).read_text()))
+        return item or args.item
+
+
+@ocp.args.register_with_handler(_DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class _DataIteratorSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataIteratorRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class TrainCheckpoints:
     """Training checkpoints: the last `keep` steps and the best by validation ELBO, written asynchronously, each
-    with the checksum of every array so that one that changed on disk is found when it is read back."""
+    with the checksum of every array so that one that changed on disk is found when it is read back, and the
+    position of the data iterator (item `data`; checkpoints written before it have only the state)."""
 
     def __init__(self, directory: str | Path, keep: int):
         policy = ocp.checkpoint_managers.AnyPreservationPolicy([
@@ -106,11 +134,12 @@ class TrainCheckpoints:
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
         self.directory = Path(directory).absolute()
         self.failed = False
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_handlers=ocp.StandardCheckpointHandler())
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "default": ocp.StandardCheckpointHandler(), "data": _DataIteratorHandler()})
 
-    def save(self, step: int, state, val_elbo: float | None = None) -> bool:
-        """Saves `state` unless it holds a NaN or inf, which no later run should resume from; whether it saved."""
+    def save(self, step: int, state, val_elbo: float | None = None, data_iterator=None) -> bool:
+        """Saves `state`, and the state of `data_iterator` (a grain iterator) if given, unless `state` holds a NaN
+        or inf, which no later run should resume from; whether it saved."""
         record, finite = fingerprint(state)
         if not finite:
             logging.error("step %d: the training state holds NaN or inf values; not saved, so the last good "
@@ -119,7 +148,10 @@ class TrainCheckpoints:
         self._check_free_space(state)
         metrics = None if val_elbo is None else {"val_elbo": float(val_elbo)}
         try:  # this also waits for the previous save, whose write errors surface here
-            self.manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True,
+            items = {"default": ocp.args.StandardSave(state)}
+            if data_iterator is not None:
+                items["data"] = _DataIteratorSave(data_iterator)
+            self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True,
                               custom_metadata={"arrays": record})
         except Exception as error:  # noqa: BLE001 - orbax and tensorstore report write failures as any type
             raise self._write_failure(error) from error
@@ -154,11 +186,12 @@ class TrainCheckpoints:
                                f"({'the disk is full' if full else _first_line(error)}); "
                                + self._resume_hint("free some space" if full else "fix that"))
 
-    def restore_latest(self, abstract_state, set_aside: Path | None = None):
+    def restore_latest(self, abstract_state, set_aside: Path | None = None, data_iterator=None):
         """The newest state, placed like `abstract_state` (arrays or ShapeDtypeStructs), that reads back as saved
         and finite; None if there are no checkpoints. Newer ones that fail are reported and, once an older one has
         read back soundly, moved to `set_aside` (if given) so that training can write their steps again; when none
-        does, nothing is moved, as the cause may be the machine rather than the files."""
+        does, nothing is moved, as the cause may be the machine rather than the files. `data_iterator` (a grain
+        iterator) is set to the position saved with that state, if one was."""
         target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         rejected = []
         for step in sorted(self.manager.all_steps(), reverse=True):
@@ -169,6 +202,9 @@ class TrainCheckpoints:
                     logging.warning("the checkpoint at %s %s; %s", self.directory / str(bad), why, where)
                 if rejected:
                     logging.warning("using the checkpoint of step %d instead", step)
+                if data_iterator is not None and (self.directory / str(step) / "data").is_dir():
+                    self.manager.restore(step, args=ocp.args.Composite(
+                        data=_DataIteratorRestore(data_iterator)))
                 return state
             rejected.append((step, problem))
         if rejected:
@@ -191,7 +227,8 @@ class TrainCheckpoints:
                     f"the checkpoint at {path} does not fit this config's training state ({misfits}): is --config "
                     "the one this workdir was trained with? Use that config, or a new --workdir")
         try:
-            state = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+            restore = ocp.args.Composite(default=ocp.args.StandardRestore(target))
+            state = self.manager.restore(step, args=restore).default
         except ValueError as error:
             if saved is None:  # written before checksums: a misfit is only told apart by orbax's error
                 raise CheckpointError(

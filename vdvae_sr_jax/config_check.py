@@ -49,6 +49,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.preprocess": _one_of("crops", "thesis"),
     "data.downscale": _one_of("matlab", "pil"),
     "data.eval_images": _whole(1),
+    "data.workers": _whole(0),
     "train.steps": _whole(1),
     "train.batch_size_per_device": _whole(1),
     "train.steps_per_epoch": _whole(1),

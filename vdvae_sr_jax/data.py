@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -40,10 +42,84 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def embedded_photos() -> list[tuple[str, np.ndarray]]:
     """(name, RGB uint8 image) for the photos that ship inside scikit-image."""
-    import skimage
+    source = EmbeddedSource()
+    return [(source.name(i), read_image(source.paths[i])) for i in range(len(source))]
 
-    root = Path(skimage.__file__).parent / "data"
-    return [(name, read_image(root / name)) for name in EMBEDDED_PHOTOS]
+
+class ImageSource(Protocol):
+    """Random-access HR images: what the training pipeline reads. `__getitem__` decodes one image when it is asked
+    for; it raises `image_io.UnreadableImage`, naming the file, for one that cannot be read."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class FileSource:
+    """Image files, each read (`read_image`) only when it is asked for."""
+
+    paths: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return read_image(self.paths[index])
+
+    def name(self, index: int) -> str:
+        return self.paths[index]
+
+
+@lru_cache(maxsize=None)
+def _embedded(path: str) -> np.ndarray:
+    image = read_image(path)
+    image.setflags(write=False)
+    return image
+
+
+class EmbeddedSource(FileSource):
+    """The photos that ship inside scikit-image; so few and small that each process decodes each one once."""
+
+    def __init__(self):
+        import skimage
+
+        root = Path(skimage.__file__).parent / "data"
+        super().__init__(tuple(str(root / name) for name in EMBEDDED_PHOTOS))
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return _embedded(self.paths[index])
+
+    def name(self, index: int) -> str:
+        return Path(self.paths[index]).name
+
+
+def folder_source(folder: str | Path) -> FileSource:
+    """The image files under `folder`, listed, not read; links that lead nowhere or to folders (not searched) are
+    skipped and logged by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths, skipped = image_io.find_images(folder.rglob("*"))
+    if skipped:
+        logging.warning("skipped %d links under %s:\n  %s", len(skipped), folder, "\n  ".join(skipped))
+    if not paths:
+        raise ValueError(f"no images ({', '.join(sorted(image_io.IMAGE_SUFFIXES))}) under {folder}")
+    return FileSource(tuple(str(path) for path in paths))
+
+
+def hr_source(data, split: str = "train") -> ImageSource:
+    """The images a config's `data.source` names, read lazily: 'embedded', 'folder' (`data.folder`, or
+    `data.val_folder` for the validation split) or 'tfds' (`vdvae_sr_jax.tfds_source`)."""
+    if data.source == "embedded":
+        return EmbeddedSource()
+    if data.source == "folder":
+        return folder_source(data.folder if split == "train" or not data.get("val_folder") else data.val_folder)
+    if data.source == "tfds":
+        from vdvae_sr_jax import tfds_source
+
+        return tfds_source.hr_source(data, split)
+    raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
 
 def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.ndarray]]:
@@ -96,34 +172,32 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def validation_crops(data, size: int, n: int) -> np.ndarray:
-    """uint8 centre crops [n, size, size, 3] of the first `n` validation images: what validation ELBOs and sample
-    grids are computed on."""
-    return np.stack([center_crop(im, size) for _, im in load_images(data, size, "validation")[:n]])
+    """uint8 centre crops [n, size, size, 3] of the first `n` readable validation images of at least `size` pixels
+    (others are skipped and logged by name): what validation ELBOs and sample grids are computed on. Only those
+    images are decoded."""
+    source, crops, skipped = hr_source(data, "validation"), [], []
+    for index in range(len(source)):
+        if len(crops) == n:
+            break
+        try:
+            crops.append(center_crop(checked_image(source, index, size), size))
+        except image_io.UnreadableImage as error:
+            skipped.append(str(error))
+    if skipped:
+        logging.warning("validation: skipped %d images:\n  %s", len(skipped), "\n  ".join(skipped))
+    if not crops:
+        raise ValueError(f"no readable validation images of at least {size} pixels in data.source={data.source!r}")
+    return np.stack(crops)
 
 
-def random_crop(images: list[np.ndarray], size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random size x size crop of a random one of `images`, flipped horizontally half the time."""
-    image = images[rng.integers(len(images))]
-    top = rng.integers(image.shape[0] - size + 1)
-    left = rng.integers(image.shape[1] - size + 1)
-    crop = image[top : top + size, left : left + size]
-    return crop[:, ::-1] if rng.random() < 0.5 else crop
-
-
-def random_crops(images: list[np.ndarray], size: int, batch: int, seed: int, start: int = 0,
-                 rows: range | None = None) -> Iterator[np.ndarray]:
-    """Endless batches of random size x size crops with horizontal flips from batch `start` on; row r of batch k
-    depends only on (seed, k, r). `rows` (all by default) are the rows of each batch to make."""
-    return _batches(lambda rng: random_crop(images, size, rng), batch, seed, start, rows)
-
-
-def _batches(draw, batch: int, seed: int, start: int, rows: range | None) -> Iterator[np.ndarray]:
-    """Endless uint8 batches of `rows` (of `batch`): row r of batch k is `draw` of a generator seeded (seed, k, r)."""
-    rows = range(batch) if rows is None else rows
-    k = start
-    while True:
-        yield np.stack([draw(np.random.default_rng([seed, k, r])) for r in rows])
-        k += 1
+def checked_image(source: ImageSource, index: int, min_size: int) -> np.ndarray:
+    """Image `index` of `source`; `image_io.UnreadableImage` naming it if it cannot be read or is smaller than
+    `min_size` pixels."""
+    image = source[index]
+    if min(image.shape[:2]) < min_size:
+        what = source.name(index) if hasattr(source, "name") else f"image {index}"
+        raise image_io.UnreadableImage(f"{what} (smaller than {min_size} pixels)")
+    return image
 
 
 def downscale(hr_uint8: np.ndarray, factor: int, method: str) -> np.ndarray:
@@ -136,19 +210,6 @@ def downscale(hr_uint8: np.ndarray, factor: int, method: str) -> np.ndarray:
         h, w = hr_uint8.shape[1] // factor, hr_uint8.shape[2] // factor
         return np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.BICUBIC)) for x in hr_uint8])
     raise ValueError(f"unknown data.downscale {method!r}: use 'matlab' or 'pil'")
-
-
-def hr_batches(images: list[np.ndarray], size: int, batch: int, seed: int, mode: str, start: int = 0,
-               rows: range | None = None) -> Iterator[np.ndarray]:
-    """Endless uint8 HR batches from step `start` on: 'thesis' picks whole-image centre crops, 'crops' random
-    crops with flips. Row r of batch k depends only on (seed, k, r), so a resumed run sees the same data, and a
-    global batch is the same whatever the number of processes: each makes only its `rows` of it (all by default)."""
-    if mode == "thesis":
-        crops = [center_crop(im, size) for im in images]
-        return _batches(lambda rng: crops[rng.integers(len(crops))], batch, seed, start, rows)
-    if mode == "crops":
-        return random_crops(images, size, batch, seed, start, rows)
-    raise ValueError(f"unknown data.preprocess {mode!r}: use 'thesis' or 'crops'")
 
 
 def model_batch(hr_uint8: np.ndarray, data, low_bit: bool, lr_factor: int | None,

@@ -21,10 +21,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from vdvae_sr_jax import adversarial, checkpoint, data, distributed, evaluate, figures, perceptual, train
+from vdvae_sr_jax import adversarial, checkpoint, data, distributed, evaluate, figures, perceptual, pipeline, train
 from vdvae_sr_jax.hparams import parse_layer_string
 from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
-from vdvae_sr_jax.prefetch import prefetch
 
 
 def initial_params(config, model):
@@ -168,7 +167,7 @@ def run(config, workdir: Path) -> dict:
     is_sr = isinstance(model, VDVAESR)
     lr_factor = model.image_size // model.lr_image_size if is_sr else None
     cfg, size = config.train, model.image_size
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    n_dev = jax.device_count()
     batch_size = cfg.batch_size_per_device * n_dev
 
     # Devices in process order: process p holds rows [p * B / P, (p + 1) * B / P) of each global batch of B.
@@ -180,13 +179,15 @@ def run(config, workdir: Path) -> dict:
     loss_fn, critics, adversary = training_objective(config, model)
     state = jax.device_put(new_state(config, model, trainable, tx, adversary), replicated)
     frozen = jax.device_put(frozen, replicated)
+    lr_target = is_sr and cfg.get("lr_consistency_weight", 0.0) > 0
+    batches = pipeline.training_batches(config, size, model.low_bit, lr_factor, batch_sharding, lr_target)
     ckpts = checkpoint.TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints)
-    restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints")
+    restored = ckpts.restore_latest(state, set_aside=workdir / "rejected_checkpoints", data_iterator=batches.iterator)
     if restored is not None:
         state = restored
         logging.info("resumed from step %d in %s", int(state.step), workdir)
+    batches.resume(int(state.step))
 
-    lr_target = is_sr and cfg.get("lr_consistency_weight", 0.0) > 0
     critics = jax.device_put(critics, replicated)
     step_fn = jax.jit(
         partial(train.train_step, loss_fn=loss_fn, tx=tx, train=cfg, adversary=adversary),
@@ -194,10 +195,6 @@ def run(config, workdir: Path) -> dict:
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    images = [im for _, im in data.load_images(config.data, size)]
-    local = batch_size // n_proc
-    hr_iter = data.hr_batches(images, size, batch_size, cfg.seed, config.data.preprocess, start=int(state.step),
-                              rows=range(jax.process_index() * local, (jax.process_index() + 1) * local))
     val_hr = data.validation_crops(config.data, size, config.data.eval_images)
     n_dims = size * size * 3
 
@@ -215,10 +212,9 @@ def run(config, workdir: Path) -> dict:
     reporter = _Reporter(workdir) if distributed.is_main_process() else _Silent()
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
-    batches = prefetch(global_batch(hr, lr_target=lr_target) for hr in hr_iter)
     try:
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
-        log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims)
+        log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims, batches)
         for step in range(start_step + 1, cfg.steps + 1):
             state, metrics = step_fn(state, next(batches), frozen, critics)
             bar.update()
@@ -229,10 +225,10 @@ def run(config, workdir: Path) -> dict:
                 log.flush()
                 val_elbo = validate(state.ema_params)
                 reporter.write(step, {"val_elbo": val_elbo})
-                ckpts.save(step, state, val_elbo)
+                ckpts.save(step, state, val_elbo, batches.iterator)
             elif step % cfg.checkpoint_every == 0:
                 log.flush()
-                ckpts.save(step, state)
+                ckpts.save(step, state, data_iterator=batches.iterator)
             else:
                 saved = False
             if is_sr and cfg.sample_every and step % cfg.sample_every == 0:
@@ -241,7 +237,7 @@ def run(config, workdir: Path) -> dict:
             if stop(step):
                 log.flush()
                 if not saved:
-                    saved = ckpts.save(step, state)
+                    saved = ckpts.save(step, state, data_iterator=batches.iterator)
                 logging.warning("stopped by signal %d at step %d; %s", stop.signal, step,
                                 "a checkpoint was saved" if saved else "the state held NaN or inf and was not saved")
                 break
@@ -257,7 +253,7 @@ def run(config, workdir: Path) -> dict:
         stop.close()
     return {"step": int(state.step), "val_elbo": val_elbo, "first_logged_elbo": log.first_elbo,
             "last_logged_elbo": log.last_elbo, "skipped_updates": int(state.skipped),
-            "stopped": stop.signal is not None}
+            "stopped": stop.signal is not None, "data_wait_share": log.data_wait_share()}
 
 
 def _close_quietly(*resources) -> None:
@@ -274,11 +270,12 @@ class _TrainLog:
     and waits for them only when it logs the next step or saves a checkpoint, by when they are long computed."""
 
     def __init__(self, reporter: _Reporter, watch: SkipWatch, bar, step: int, batch_size: int, dec_blocks: str,
-                 n_dims: int):
+                 n_dims: int, batches: pipeline.Batches):
         self.reporter, self.watch, self.bar = reporter, watch, bar
-        self.batch_size, self.dec_blocks, self.n_dims = batch_size, dec_blocks, n_dims
+        self.batch_size, self.dec_blocks, self.n_dims, self.batches = batch_size, dec_blocks, n_dims, batches
         self.pending = None
-        self.step, self.time = step, time.perf_counter()
+        self.step, self.time, self.waited = step, time.perf_counter(), batches.wait_seconds
+        self.start_time = self.time
         self.first_elbo = self.last_elbo = None
 
     def add(self, step: int, metrics: dict) -> None:
@@ -295,20 +292,25 @@ class _TrainLog:
             return
         (step, metrics), self.pending = self.pending, None
         fetched = jax.device_get(metrics)
-        steps, now = step - self.step, time.perf_counter()
-        seconds = (now - self.time) / steps
-        self.step, self.time = step, now
+        steps, now, waited = step - self.step, time.perf_counter(), self.batches.wait_seconds
+        seconds, data_wait_share = (now - self.time) / steps, (waited - self.waited) / (now - self.time)
+        self.step, self.time, self.waited = step, now, waited
         counts = ("skipped_total", "disc_skipped_total")
         record = {k: float(v) for k, v in fetched.items() if k not in ("kl_per_layer", *counts)}
         record.update(per_resolution_rate(fetched["kl_per_layer"], self.dec_blocks, self.n_dims))
         record.update({k: int(fetched[k]) for k in counts if k in fetched})
-        record.update(step_seconds=seconds, images_per_second=self.batch_size / seconds)
+        record.update(step_seconds=seconds, images_per_second=self.batch_size / seconds,
+                      data_wait_share=data_wait_share)
         self.reporter.write(step, record)
         elbo = record.get("elbo", record["loss"])  # the loss is the ELBO unless an added term is on
         self.first_elbo = elbo if self.first_elbo is None else self.first_elbo
         self.last_elbo = elbo
         self.bar.set_postfix(elbo=f"{elbo:.3f}", skipped=record["skipped_total"])
         self.watch.update(record["skipped_total"], steps, record["grad_norm"])
+
+    def data_wait_share(self) -> float:
+        """The share of the time since training started spent waiting for batches."""
+        return self.batches.wait_seconds / max(time.perf_counter() - self.start_time, 1e-9)
 
 
 class SkipWatch:
