@@ -17,12 +17,14 @@ def vdvae_config(
     )
     # data.source="tfds" reads the `hr` images of data.tfds_name from its array_record files in data.tfds_data_dir
     # ("" for TFDS's default: $TFDS_DATA_DIR, else ~/tensorflow_datasets); with data.tfds_download, a dataset of
-    # TFDS's catalog that the folder lacks is downloaded and prepared there first.
+    # TFDS's catalog that the folder lacks is downloaded and prepared there first. data.workers: grain worker
+    # processes preparing training batches (decode, crop, LR); 0 prepares them in threads of the training process.
     config.data = ml_collections.ConfigDict(
         dict(
             source="embedded", folder="", val_folder="", tfds_name="div2k/bicubic_x4", tfds_train_split="train",
             tfds_val_split="validation", tfds_data_dir="", tfds_download=True, preprocess="crops",
             downscale="matlab", pixel_max=255.0, shift_loss=-127.5, scale_loss=1.0 / 127.5, eval_images=4,
+            workers=1,
         )
         | data
     )

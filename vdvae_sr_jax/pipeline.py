@@ -25,8 +25,8 @@ from absl import flags
 
 from vdvae_sr_jax import data, image_io
 
-# data.workers: worker processes preparing batches; 0 prepares them in threads of the training process. One worker
-# leaves the other core of a 2-core CPU to the training step.
+# Worker processes preparing batches where a config lacks data.workers: one leaves the other core of a 2-core CPU to
+# the training step.
 DEFAULT_WORKERS = 1
 _POSITION = "global_next_index"  # grain's ElasticIterator state: rows of global batches handed out so far
 
