@@ -16,7 +16,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks.benchmark import train_inputs, train_step
+from benchmarks.programs import train_inputs, train_step
 from vdvae_sr_jax.model import model_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A VDVAE-SR config file in configs/.")
@@ -26,9 +26,11 @@ _ROUNDS = flags.DEFINE_integer("rounds", 15, "Timed steps of each variant, taken
 OPTIONS = {
     "plain": {},
     "lr_consistency": {"lr_consistency_weight": 1.0},
-    "perceptual": {"perceptual_weight": 1.0},
+    "perceptual (LPIPS-VGG)": {"perceptual_weight": 1.0, "perceptual_net": "lpips_vgg"},
+    "perceptual (LPIPS-Alex)": {"perceptual_weight": 1.0, "perceptual_net": "lpips_alex"},
     "adversarial": {"adversarial_weight": 0.05},
-    "all three": {"lr_consistency_weight": 1.0, "perceptual_weight": 1.0, "adversarial_weight": 0.05},
+    "all three (LPIPS-VGG)": {"lr_consistency_weight": 1.0, "perceptual_weight": 1.0, "perceptual_net": "lpips_vgg",
+                              "adversarial_weight": 0.05},
 }
 
 

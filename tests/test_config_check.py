@@ -57,6 +57,21 @@ def test_rules_across_fields():
     assert str(raised.value) == "invalid config (3 values): " + "; ".join(config_check.problems(config))
 
 
+def test_the_added_losses_need_a_vdvae_sr_and_a_discriminator_that_fits_the_image():
+    gan = _config()  # demo: 32x32 images
+    gan.train.update(adversarial_weight=0.1, disc_widths=(8, 8, 8, 8))
+    assert config_check.problems(gan) == []  # three halvings leave a 4x4 map, two 4x4 convs a 2x2 of patches
+    gan.train.disc_widths = (8, 8, 8, 8, 8)
+    assert config_check.problems(gan) == [
+        "train.disc_widths=(8, 8, 8, 8, 8): 4 halvings leave the discriminator no patch of a 32-pixel image; use at "
+        "most 4 widths"]
+    vdvae = _config("demo_vdvae")
+    vdvae.train.perceptual_weight = 0.5
+    assert config_check.problems(vdvae) == [
+        "train.perceptual_weight=0.5: the added loss terms need a VDVAE-SR (a config with model.lr_image_size); use "
+        "0 for a VDVAE"]
+
+
 def _main(tmp_path, *flags, env=None, config="configs/demo.py"):
     args = [sys.executable, "-m", "vdvae_sr_jax.main", f"--config={config}", f"--workdir={tmp_path / 'run'}", *flags]
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -113,7 +113,7 @@ def _state(step):
     return train.init_state(params, optax.adam(1e-3), jax.random.key(0)).replace(step=jnp.int32(step))
 
 
-def test_resume_from_a_mid_run_checkpoint_gives_the_batches_of_a_straight_run(folder, tmp_path):
+def test_resume_from_a_mid_run_checkpoint_gives_the_batches_of_a_straight_run(folder, tmp_path, caplog):
     """Three of six steps, saved with the iterator; a new pipeline (2 workers instead of 0) restored from it goes on
     with batches 3, 4, 5. So does one restored from a checkpoint written before iterator states were saved, and
     one whose iterator state was written by another number of processes."""
@@ -142,6 +142,15 @@ def test_resume_from_a_mid_run_checkpoint_gives_the_batches_of_a_straight_run(fo
     TrainCheckpoints(tmp_path / "ckpts", keep=3).restore_latest(_state(0), data_iterator=other)
     assert other.get_state() == {"global_next_index": 24}
     other.close()
+
+    (tmp_path / "ckpts" / "3" / "data" / "process_1-of-2.json").write_text("{not json")
+    damaged = pipeline.Batches(pipeline.local_batches(rows, 6, 0, 0), 8, None)
+    with caplog.at_level(logging.WARNING):
+        state = TrainCheckpoints(tmp_path / "ckpts", keep=3).restore_latest(_state(0), data_iterator=damaged.iterator)
+    assert int(state.step) == 3 and f"the data iterator state at {tmp_path / 'ckpts' / '3' / 'data'} is unreadable" \
+        in caplog.text
+    damaged.resume(3)
+    _assert_same(_take(damaged.iterator, 3), straight[3:])
 
     shutil.rmtree(tmp_path / "ckpts" / "3" / "data")  # now as written before this pipeline: the state alone
     old = pipeline.Batches(pipeline.local_batches(rows, 6, 0, 0), 8, None)

@@ -47,7 +47,8 @@ def _config(div2k, **overrides) -> ml_collections.ConfigDict:
 def test_the_source_reads_each_hr_image_lazily_and_exactly(div2k):
     source = tfds_source.hr_source(_config(div2k), "train")
     train = div2k["images"]["train"]
-    assert len(source) == len(train) == 6 and source.name == f"{div2k['name']}/train"
+    assert len(source) == len(train) == 6 and source.prefix == f"{div2k['name']}/train"
+    assert source.name(4) == f"{div2k['name']}/train/4"
     for i in (3, 0, 5):  # random access, in any order
         np.testing.assert_array_equal(source[i], train[i])
     np.testing.assert_array_equal(source[-1], train[-1])
@@ -93,6 +94,25 @@ def test_undecodable_and_too_small_images_are_skipped_and_reported(div2k, caplog
     assert f"skipped 3 of 6 images:\n  {div2k['name']}/train/1 (smaller than 84 pixels)" in caplog.text
     with pytest.raises(ValueError, match=f"no readable images of at least 10000 pixels in {div2k['name']}/train"):
         data.load_images(_config(div2k), 10_000, "train")
+
+
+def test_the_training_rows_skip_and_name_corrupt_and_too_small_tfds_images(div2k):
+    """Through the training pipeline's rows: the corrupt example and the images smaller than the crop are redrawn
+    past and named in the row's `skipped`, and every row comes from a readable image."""
+    from vdvae_sr_jax import pipeline
+
+    name = tfds_div2k.build(div2k["pngs"], div2k["data_dir"], "one_corrupt")
+    source = tfds_source.hr_source(_config(div2k, tfds_name=name), "validation")
+    norm = pipeline.Normalisation(255.0, -115.9, 0.0144, -127.5, 1 / 127.5, "matlab")
+    rows = pipeline.Rows(source, 80, "crops", 30, 1, 0, norm, False, 4, False)
+    heights = [im.shape[0] for im in div2k["images"]["validation"]]
+    assert min(heights) < 80 <= max(heights)  # one validation image is too small for an 80-pixel crop
+    out = [rows.row(0, r) for r in range(30)]
+    skipped = set("\n".join(str(row["skipped"]) for row in out).split("\n")) - {""}
+    small = f"{name}/validation/{heights.index(min(heights))} (smaller than 80 pixels)"
+    corrupt = [s for s in skipped if s.startswith(f"{name}/validation/2 (")]
+    assert len(corrupt) == 1 and skipped == {small, *corrupt}, skipped
+    assert all(row["input"].shape == (80, 80, 3) for row in out)
 
 
 def test_rgb_uint8_takes_grey_alpha_and_16_bit_images():

@@ -188,3 +188,29 @@ def test_a_killed_run_with_a_discriminator_resumes_to_identical_params(tmp_path,
     assert int(resumed["step"]) == 6 and set(resumed) == set(straight_gan)
     for key in straight_gan:
         np.testing.assert_array_equal(resumed[key], straight_gan[key], err_msg=key)
+
+
+def test_fine_tuning_starts_from_the_ema_params_of_a_trained_run(tmp_path, subprocess_env):
+    """`init.sr_checkpoint` = a training workdir: the run's newest EMA params, whatever the added losses; a workdir
+    that does not exist is one error naming the key."""
+    from tiny_training import tiny_config
+
+    from vdvae_sr_jax.model import model_from_config
+
+    _finish(_start(subprocess_env, tmp_path / "plain", 2, 8, checkpoint_every=1))
+    trained = _final(tmp_path / "plain")
+    config = tiny_config(2, 8, 1)
+    config.init.sr_checkpoint = str(tmp_path / "plain")
+    config.train.adversarial_weight = 0.1
+    model = model_from_config(config)
+    trainable, frozen = train.split_params(trainer.initial_params(config, model), config.train.frozen)
+    leaves = {f"ema/{k}": v for k, v in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    assert len(leaves) > 20 and set(leaves) == {k for k in trained if k.startswith("ema/")}
+    for key, value in leaves.items():
+        np.testing.assert_array_equal(value, trained[key], err_msg=key)
+    assert any(np.abs(trained[k] - trained["params/" + k[4:]]).max() > 0 for k in leaves)  # EMA, not raw params
+
+    config.init.sr_checkpoint = str(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="no checkpoint of the VDVAE-SR of init.sr_checkpoint at .*missing: train "
+                                         "that run first"):
+        trainer.initial_params(config, model)

@@ -203,8 +203,7 @@ class TrainCheckpoints:
                 if rejected:
                     logging.warning("using the checkpoint of step %d instead", step)
                 if data_iterator is not None and (self.directory / str(step) / "data").is_dir():
-                    self.manager.restore(step, args=ocp.args.Composite(
-                        data=_DataIteratorRestore(data_iterator)))
+                    self._restore_data_iterator(step, data_iterator)
                 return state
             rejected.append((step, problem))
         if rejected:
@@ -212,6 +211,15 @@ class TrainCheckpoints:
                 f"no usable checkpoint in {self.directory}: " + "; ".join(f"step {s} {why}" for s, why in rejected)
                 + "; all left in place: if the files are damaged, move them away to train from the start")
         return None
+
+    def _restore_data_iterator(self, step: int, data_iterator) -> None:
+        """Sets `data_iterator` to the position saved at `step`; an unreadable one is reported and left to the
+        caller, who can start the data from the step (batch k depends only on the seed and k)."""
+        try:
+            self.manager.restore(step, args=ocp.args.Composite(data=_DataIteratorRestore(data_iterator)))
+        except Exception as error:  # noqa: BLE001 - grain and orbax raise many kinds for a damaged JSON file
+            logging.warning("the data iterator state at %s is unreadable (%s); the data starts from the step instead",
+                            self.directory / str(step) / "data", _first_line(error))
 
     def _read(self, step: int, target):
         """(None, the state) if the checkpoint of `step` is sound, else (what is wrong with it, None)."""

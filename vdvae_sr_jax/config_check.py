@@ -73,6 +73,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.disc_widths": (lambda v: isinstance(v, (tuple, list)) and len(v) > 0 and all(_whole(1)[0](w) for w in v),
                           "a tuple of one or more whole numbers of at least 1, e.g. \"(64,128,256)\""),
     "train.disc_lr": _number(0.0, open_low=True),
+    "data.tfds_download": (lambda v: isinstance(v, bool), "True or False"),
+    "init.sr_checkpoint": (lambda v: isinstance(v, str), "a path (a training workdir or an exported VDVAE-SR), or ''"),
     "train.disc_beta1": _number(0.0, 1.0),
     "train.disc_beta2": _number(0.0, 1.0),
     "sample.num": _whole(1),
@@ -132,6 +134,11 @@ def problems(config) -> list[str]:
             if weight is not _MISSING and weight != 0:
                 found.append(f"train.{term}_weight={weight!r}: the added loss terms need a VDVAE-SR (a config with "
                              "model.lr_image_size); use 0 for a VDVAE")
+    widths, size = _get(config, "train.disc_widths"), _get(config, "model.image_size")
+    if (_get(config, "train.adversarial_weight") not in (_MISSING, 0) and isinstance(widths, (tuple, list))
+            and isinstance(size, int) and size < 3 * 2 ** (len(widths) - 1)):
+        found.append(f"train.disc_widths={tuple(widths)!r}: {len(widths) - 1} halvings leave the discriminator no "
+                     f"patch of a {size}-pixel image; use at most {max(1, (size // 3).bit_length())} widths")
     tile, overlap = _get(config, "model.lr_image_size"), _get(config, "upscale.overlap")
     if isinstance(tile, int) and isinstance(overlap, int) and not overlap < tile:
         found.append(f"upscale.overlap={overlap!r}: must be less than the LR tile, model.lr_image_size={tile}")

@@ -54,6 +54,9 @@ class ImageSource(Protocol):
 
     def __getitem__(self, index: int) -> np.ndarray: ...
 
+    def name(self, index: int) -> str:
+        """Image `index`'s name in messages."""
+
 
 @dataclass(frozen=True)
 class FileSource:
@@ -116,8 +119,6 @@ def hr_source(data, split: str = "train") -> ImageSource:
     if data.source == "folder":
         return folder_source(data.folder if split == "train" or not data.get("val_folder") else data.val_folder)
     if data.source == "tfds":
-        from vdvae_sr_jax import tfds_source
-
         return tfds_source.hr_source(data, split)
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
@@ -195,8 +196,7 @@ def checked_image(source: ImageSource, index: int, min_size: int) -> np.ndarray:
     `min_size` pixels."""
     image = source[index]
     if min(image.shape[:2]) < min_size:
-        what = source.name(index) if hasattr(source, "name") else f"image {index}"
-        raise image_io.UnreadableImage(f"{what} (smaller than {min_size} pixels)")
+        raise image_io.UnreadableImage(f"{source.name(index)} (smaller than {min_size} pixels)")
     return image
 
 

@@ -36,7 +36,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    heartbeat_timeout_seconds=heartbeat_timeout)
-    except ValueError as error:  # no cluster environment found and no flags given
+    except ValueError as error:
+        if not missing:
+            raise ValueError(f"joining the processes at {coordinator_address} failed: {error}") from None
         raise ValueError(f"--distributed: JAX found no SLURM, Open MPI or Cloud TPU environment ({error}): launch "
                          "each process with --coordinator_address, --num_processes and --process_id") from None
     except jax.errors.JaxRuntimeError as error:

@@ -49,7 +49,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "A manual multi-pro
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "A manual multi-process launch: this process's index, "
                                    "0 .. num_processes - 1.")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Multi-process runs: seconds after which a process that "
-                                  "stopped answering (killed, host down) makes JAX terminate the others.")
+                                  "stopped answering (killed, host down) makes JAX terminate the others.",
+                                  lower_bound=1)
 
 
 def use_compilation_cache(path: str) -> None:
@@ -134,6 +135,9 @@ def main(argv) -> None:
     cli.quiet_libraries()
     if _DISTRIBUTED.value or _COORDINATOR.value or _NUM_PROCESSES.value is not None or _PROCESS_ID.value is not None:
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _HEARTBEAT.value)
+    if _MODE.value != "train" and jax.process_count() > 1:
+        raise SystemExit(f"--mode={_MODE.value} runs in one process: launch it without --distributed or the "
+                         "coordinator flags (multi-process runs are for training)")
     config, workdir = _CONFIG.value, Path(_WORKDIR.value)
     config_check.validate(config)
     workdir.mkdir(parents=True, exist_ok=True)

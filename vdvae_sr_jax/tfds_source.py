@@ -19,6 +19,13 @@ INSTALL = "pip install tensorflow-cpu tensorflow-datasets (the project's `tfds` 
 SPLIT_KEYS = {"train": "data.tfds_train_split", "validation": "data.tfds_val_split"}
 
 
+def _process_count() -> int:
+    """The number of processes of this run (1 unless JAX's distributed runtime joined several)."""
+    import jax
+
+    return jax.process_count()
+
+
 def _import_tfds():
     try:
         import tensorflow_datasets as tfds
@@ -48,17 +55,25 @@ class HrSource:
     it pickles to worker processes, which then read the array_record files themselves."""
 
     examples: Any  # tfds's random-access data source of the split, with every other image feature left undecoded
-    name: str  # '<dataset>/<config>/<split>', the prefix of each image's name
+    prefix: str  # '<dataset>/<config>/<split>', the prefix of each image's name
 
     def __len__(self) -> int:
         return len(self.examples)
 
+    def name(self, index: int) -> str:
+        """Image `index`'s name in messages: '<dataset>/<config>/<split>/<index>'."""
+        return f"{self.prefix}/{index}"
+
     def __getitem__(self, index) -> np.ndarray:
+        """Image `index`; an `image_io.UnreadableImage` naming it when its bytes do not decode."""
         i = operator.index(index)
         i = i + len(self) if i < 0 else i
         if not 0 <= i < len(self):
-            raise IndexError(f"{self.name} has {len(self)} images, no image {index}")
-        return rgb_uint8(self.examples[i]["hr"])
+            raise IndexError(f"{self.prefix} has {len(self)} images, no image {index}")
+        try:
+            return rgb_uint8(self.examples[i]["hr"])
+        except (OSError, ValueError) as error:
+            raise image_io.UnreadableImage(f"{self.name(i)} ({error})") from None
 
 
 class _TfdsWarnings(logging.Filter):
@@ -101,6 +116,11 @@ def prepared_builder(name: str, data_dir: str = "", download: bool = False):
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             raise ValueError(f"data.tfds_name={name!r}: {' '.join(lines[:4])}") from None
         prepared = builder.is_prepared()
+    if not prepared and download and _process_count() > 1:
+        raise FileNotFoundError(
+            f"data.tfds_name={name!r} is not prepared in {where} (data.tfds_data_dir), and the processes of a "
+            f"multi-process run would all prepare it at once: prepare it first with {_prepare_hint(name, where)}"
+        )
     if not prepared and download:
         builder = tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
         builder.download_and_prepare()
@@ -152,12 +172,12 @@ def named_images(data, split: str = "train", min_size: int = 1) -> list[tuple[st
     images are skipped and logged by name, as the folder source does."""
     source = hr_source(data, split)
     images, skipped = [], []
-    for i in tqdm(range(len(source)), desc=f"reading {source.name}", unit="image", leave=False):
-        name = f"{source.name}/{i}"
+    for i in tqdm(range(len(source)), desc=f"reading {source.prefix}", unit="image", leave=False):
+        name = source.name(i)
         try:
             image = source[i]
-        except (OSError, ValueError) as error:
-            skipped.append(f"{name} ({error})")
+        except image_io.UnreadableImage as error:
+            skipped.append(str(error))
             continue
         if min(image.shape[:2]) < min_size:
             skipped.append(f"{name} (smaller than {min_size} pixels)")
@@ -166,5 +186,5 @@ def named_images(data, split: str = "train", min_size: int = 1) -> list[tuple[st
     if skipped:
         logging.warning("skipped %d of %d images:\n  %s", len(skipped), len(source), "\n  ".join(skipped))
     if not images:
-        raise ValueError(f"no readable images of at least {min_size} pixels in {source.name}")
+        raise ValueError(f"no readable images of at least {min_size} pixels in {source.prefix}")
     return images

@@ -180,9 +180,10 @@ def elbo_loss(model, lr_consistency_weight: float = 0.0, perceptual_weight: floa
               adversarial_weight: float = 0.0, adversary=None) -> Callable:
     """The (conditional) ELBO as a training loss, with distortion, rate and per-layer KL [L] as metrics; for a
     VDVAE-SR, plus each weight times its term on the posterior pass's decoded output (the DMoL mean, which is
-    differentiable): `lr_consistency` (batches then carry `lr_target`), LPIPS to the HR image (with the weights in
-    `critics["lpips"]`) and the `adversary`'s generator loss (with the discriminator's params in
-    `critics["disc"]`). Each term and the ELBO are then metrics too, and so is the decoded output, as `decoded`."""
+    differentiable; the posterior pass reconstructs this HR image, so paired terms compare like with like):
+    `lr_consistency` (batches then carry `lr_target`), LPIPS to the HR image (with the weights in
+    `critics["lpips"]`) and the `adversary`'s generator loss (with the discriminator's params in `critics["disc"]`).
+    Each term and the ELBO are then metrics too; with the adversary, so is the decoded output, as `decoded`."""
 
     def loss_fn(params, frozen, batch, rng, critics=None):
         stats = model.apply({"params": merge_params(params, frozen)}, *model_inputs(batch), rngs={"sample": rng})

@@ -29,10 +29,10 @@ from vdvae_sr_jax.model import VDVAESR, init_params, model_from_config
 def initial_params(config, model):
     """Official init, then the converted HR model and LR encoder that `config.init` names, if any, or the whole
     VDVAE-SR of `init.sr_checkpoint`."""
-    params = init_params(model, jax.random.key(config.train.seed))
     sr_path = config.init.get("sr_checkpoint", "")
     if sr_path:
         return _trained_sr_params(config, model, Path(sr_path).expanduser())
+    params = init_params(model, jax.random.key(config.train.seed))
     hr_path, lr_path = config.init.get("hr_checkpoint", ""), config.init.get("lr_encoder_checkpoint", "")
     if hr_path:
         hr_params, _ = _load(hr_path, "the HR VDVAE", config.init.hr_hint)
@@ -57,11 +57,17 @@ def _trained_sr_params(config, model, path: Path):
     if (path / "checkpoints").is_dir():
         sr_config = config.copy_and_resolve_references()
         sr_config.init.sr_checkpoint, sr_config.train.adversarial_weight = "", 0.0
-        params = latest_ema_params(sr_config, model, path)
+        try:
+            params = latest_ema_params(sr_config, model, path)
+        except checkpoint.CheckpointError as error:
+            raise SystemExit(f"init.sr_checkpoint={path} is not a run of this config's VDVAE-SR (the same model and "
+                             f"train.frozen, without a discriminator): {error}") from None
         if params is None:
             raise SystemExit(f"init.sr_checkpoint={path}: the workdir has no usable checkpoint")
         return params
-    params, _ = _load(str(path), "the VDVAE-SR", "give a training workdir or an exported VDVAE-SR model")
+    params, _ = _load(str(path), "the VDVAE-SR of init.sr_checkpoint",
+                      "train that run first (for configs/demo_gan.py, the README's first command), or give a "
+                      "training workdir or an exported VDVAE-SR model")
     initial = init_params(model, jax.random.key(config.train.seed))
     missing = set(flax.traverse_util.flatten_dict(initial)) - set(flax.traverse_util.flatten_dict(params))
     if missing:
@@ -115,7 +121,10 @@ def latest_ema_params(config, model, workdir: Path):
         return None
     if not config.train.frozen:
         return state.ema_params
-    _, frozen = train.split_params(initial_params(config, model), config.train.frozen)
+    own_init = config.copy_and_resolve_references()
+    if own_init.init.get("sr_checkpoint"):  # frozen params never train: a fine-tuned run's are its parent's, as here
+        own_init.init.sr_checkpoint = ""
+    _, frozen = train.split_params(initial_params(own_init, model), config.train.frozen)
     return train.merge_params(state.ema_params, frozen)
 
 
