@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from vdvae_sr_jax import data, image_io
 # Worker processes preparing batches where a config lacks data.workers: one leaves the other core of a 2-core CPU to
 # the training step.
 DEFAULT_WORKERS = 1
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 _POSITION = "global_next_index"  # grain's ElasticIterator state: rows of global batches handed out so far
 
 
@@ -123,6 +125,10 @@ def local_batches(rows: Rows, steps: int, process_index: int, workers: int) -> g
     out so far, is the same in every process."""
     if workers and not flags.FLAGS.is_parsed():  # grain's workers read its absl flags (google/grain#1355)
         flags.FLAGS.mark_as_parsed()
+    if workers and _QUIET_TRACKER not in sys.warnoptions:
+        # grain hands batches over in shared memory that multiprocessing's resource tracker, a process started
+        # with these options, reports as leaked at exit (the OS frees it): keep that report off the console.
+        sys.warnoptions.append(_QUIET_TRACKER)
     dataset = grain.MapDataset.range(steps * rows.global_batch).map(rows)
     return iter(grain.experimental.ElasticIterator(
         dataset, rows.global_batch, grain.sharding.ShardOptions(process_index, rows.process_count),

@@ -221,8 +221,8 @@ def run(config, workdir: Path) -> dict:
     reporter = _Reporter(workdir) if distributed.is_main_process() else _Silent()
     start_step, val_elbo = int(state.step), None
     watch = SkipWatch(cfg.skip_threshold, cfg.skip_warning_steps, int(state.skipped))
+    bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
     try:
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=jax.process_index() > 0)
         log = _TrainLog(reporter, watch, bar, start_step, batch_size, model.dec_blocks, n_dims, batches)
         for step in range(start_step + 1, cfg.steps + 1):
             state, metrics = step_fn(state, next(batches), frozen, critics)
@@ -252,7 +252,8 @@ def run(config, workdir: Path) -> dict:
                 break
         bar.close()
     except BaseException:
-        _close_quietly(batches, ckpts, reporter)  # the error that stopped training is the one to report
+        # The error that stopped training is the one to report, on a line of its own below the progress bar.
+        _close_quietly(bar, batches, ckpts, reporter)
         raise
     else:
         batches.close()
