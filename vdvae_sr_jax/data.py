@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from vdvae_sr_jax import image_io, tfds_source
 
@@ -130,22 +131,24 @@ def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.n
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     paths, skipped = image_io.find_images(folder.rglob("*"))
-    images = []
-    for path in paths:
+    return decoded_images(FileSource(tuple(str(path) for path in paths)), min_size, f"under {folder}", skipped)
+
+
+def decoded_images(source: ImageSource, min_size: int, where: str,
+                   skipped: list[str] = ()) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8 image) for every image of `source` (`where` says where it is), decoded now; unreadable and
+    too-small ones are skipped and logged by name in one warning, after those already `skipped`."""
+    skipped, images = list(skipped), []
+    for i in tqdm(range(len(source)), desc=f"reading images {where}", unit="image", leave=False):
         try:
-            image = read_image(path)
+            images.append((source.name(i), checked_image(source, i, min_size)))
         except image_io.UnreadableImage as error:
             skipped.append(str(error))
-            continue
-        if min(image.shape[:2]) < min_size:
-            skipped.append(f"{path} (smaller than {min_size} pixels)")
-            continue
-        images.append((str(path), image))
     if skipped:
         total = len(skipped) + len(images)
         logging.warning("skipped %d of %d images:\n  %s", len(skipped), total, "\n  ".join(skipped))
     if not images:
-        raise ValueError(f"no readable images of at least {min_size} pixels under {folder}")
+        raise ValueError(f"no readable images of at least {min_size} pixels {where}")
     return images
 
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from vdvae_sr_jax import image_io
 
@@ -170,21 +169,7 @@ def hr_source(data, split: str = "train") -> HrSource:
 def named_images(data, split: str = "train", min_size: int = 1) -> list[tuple[str, np.ndarray]]:
     """(name, RGB uint8 image) for every image of `hr_source(data, split)`, decoded now; undecodable and too-small
     images are skipped and logged by name, as the folder source does."""
+    from vdvae_sr_jax.data import decoded_images
+
     source = hr_source(data, split)
-    images, skipped = [], []
-    for i in tqdm(range(len(source)), desc=f"reading {source.prefix}", unit="image", leave=False):
-        name = source.name(i)
-        try:
-            image = source[i]
-        except image_io.UnreadableImage as error:
-            skipped.append(str(error))
-            continue
-        if min(image.shape[:2]) < min_size:
-            skipped.append(f"{name} (smaller than {min_size} pixels)")
-            continue
-        images.append((name, image))
-    if skipped:
-        logging.warning("skipped %d of %d images:\n  %s", len(skipped), len(source), "\n  ".join(skipped))
-    if not images:
-        raise ValueError(f"no readable images of at least {min_size} pixels in {source.prefix}")
-    return images
+    return decoded_images(source, min_size, f"in {source.prefix}")
