@@ -14,6 +14,11 @@ device's peak (MFU); with --profile_steps, the device time per kind of op from a
 
 from __future__ import annotations
 
+from vdvae_sr_jax import huge_pages
+
+if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()  # first: glibc reads its tunables only when a process starts
+
 import json
 import math
 import statistics

@@ -21,6 +21,11 @@ processes see the same workdir) process 0 alone writes the logs, sample grids an
 
 from __future__ import annotations
 
+from vdvae_sr_jax import huge_pages
+
+if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()  # first: glibc reads its tunables only when a process starts
+
 import importlib.util
 import json
 import logging
