@@ -152,9 +152,12 @@ def test_a_frozen_encoder_gets_no_backward_pass():
     encoder = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VDVAESR.encode)).lower(params, batch["input"])
     n_encoder = convolutions(encoder)
     assert n_encoder == 1 + 7 * 4  # in_conv, then 7 blocks of 4 convs
-    # Training the encoder adds a weight and an input gradient per convolution, less the image's input gradient.
-    # (The posterior's c1 reads concat[state, activations], whose input gradient the state needs either way.)
-    assert gradient_convolutions(()) - gradient_convolutions(("encoder",)) == 2 * n_encoder - 1
+    # Training the encoder adds a weight and an input gradient per convolution, less the image's input gradient,
+    # and the input gradient of each posterior c1's product over the activations, once per run of the decoder's
+    # blocks (a scan, whose body the HLO text holds once): c1 takes the state and the activations apart.
+    runs = sum(name.startswith("dec_blocks") for name in params["decoder"])
+    assert runs == 4
+    assert gradient_convolutions(()) - gradient_convolutions(("encoder",)) == 2 * n_encoder - 1 + runs
 
 
 def _tiny_sr_batch():

@@ -7,6 +7,9 @@ Each holds one platform-specific speed choice, behind the same maths as the text
 - `same_conv` writes its gradients on the CPU as forward convolutions and matrix products, the forms XLA:CPU
   hands to its fast library inside loops, and a 1x1 kernel's forward as a matrix product, which XLA:CPU runs faster
   than the convolution; other platforms convolve and differentiate as usual.
+- `concatenate` keeps arrays joined on the channels apart through `gelu` and into a `Conv`, which sums a product
+  per part: a part that is the same in every block of a scan (the encoder's activations, read by each top-down
+  block's posterior) is then neither copied into the join nor stored once per block for the backward pass.
 """
 
 from __future__ import annotations
@@ -18,18 +21,43 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 Array = Any
 
 
-@jax.custom_jvp
+@flax.struct.dataclass
+class Concatenated:
+    """Arrays joined on the last (channel) axis, kept apart; see `concatenate`."""
+
+    parts: tuple
+
+    @property
+    def shape(self) -> tuple:
+        return self.parts[0].shape[:-1] + (sum(part.shape[-1] for part in self.parts),)
+
+    @property
+    def dtype(self):
+        return jnp.result_type(*self.parts)
+
+
+def concatenate(parts) -> Concatenated:
+    """`jnp.concatenate(parts, axis=-1)` for `gelu` and a `Conv`, which take each part on its own."""
+    return Concatenated(tuple(parts))
+
+
 def gelu(x):
     """The exact GELU as the official code computes it, x/2 (1 + erf(x/sqrt 2)), not the tanh approximation."""
+    return Concatenated(tuple(map(_gelu, x.parts))) if isinstance(x, Concatenated) else _gelu(x)
+
+
+@jax.custom_jvp
+def _gelu(x):
     return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
-@gelu.defjvp
+@_gelu.defjvp
 def _gelu_jvp(primals, tangents):
     """GELU'(x) = Phi(x) + x phi(x)."""
     (x,), (t,) = primals, tangents
@@ -149,8 +177,11 @@ class Conv(nn.Module):
 
     def __call__(self, x):
         kernel, bias = self.weights(x.shape[-1])
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return add_bias(same_conv(x, kernel), bias)
+        parts = x.parts if isinstance(x, Concatenated) else (x,)
+        starts = np.cumsum([0] + [part.shape[-1] for part in parts])
+        y = sum(same_conv(*nn.dtypes.promote_dtype(part, kernel[:, :, start:end], dtype=self.dtype))
+                for part, start, end in zip(parts, starts[:-1], starts[1:]))
+        return add_bias(y, bias)
 
 
 def get_conv(out_dim: int, kernel_size: int, *, zero_weights: bool = False, scale: float = 1.0, dtype=None,

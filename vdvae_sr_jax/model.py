@@ -19,7 +19,7 @@ import numpy as np
 
 from vdvae_sr_jax import distributions as D
 from vdvae_sr_jax.hparams import Run, decoder_runs, encoder_runs, parse_layer_string, parse_width_string
-from vdvae_sr_jax.layers import gelu, get_1x1, get_3x3
+from vdvae_sr_jax.layers import concatenate, gelu, get_1x1, get_3x3
 
 Array = Any
 DECODINGS = ("sample", "mean")  # how `sample` turns DMoL logits into pixels: see VDVAE.pixels
@@ -162,7 +162,7 @@ class DecBlock(nn.Module):
 
     def sample(self, x, acts, eps):
         """z ~ q(z | x, acts) given the noise, the state with the prior's residual, and KL(q || p)."""
-        qm, qv = jnp.split(self.enc(jnp.concatenate([x, acts], axis=-1)).astype(jnp.float32), 2, axis=-1)
+        qm, qv = jnp.split(self.enc(concatenate([x, acts])).astype(jnp.float32), 2, axis=-1)
         pm, pv, xpp = self.prior_feats(x)
         x = x + xpp
         z = D.gaussian_sample(qm, qv, eps)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vdvae_sr_jax import kernels
-from vdvae_sr_jax.layers import add_bias, gelu, same_conv
+from vdvae_sr_jax.layers import Concatenated, add_bias, gelu, same_conv
 from vdvae_sr_jax.model import Block
 
 
@@ -36,7 +36,8 @@ class PallasBlock(Block):
 
     def __call__(self, x):
         dtype = self.dtype or x.dtype
-        if not kernels.supports(math.prod(x.shape[:-1]), x.shape[-1], [self.middle_width], dtype):
+        rows = math.prod(x.shape[:-1])
+        if isinstance(x, Concatenated) or not kernels.supports(rows, x.shape[-1], [self.middle_width], dtype):
             return super().__call__(x)
         kernel, bias = self.c1.weights(x.shape[-1])
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
