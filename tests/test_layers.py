@@ -1,5 +1,7 @@
-"""The layers: Conv is nn.Conv with autodiff's gradients on every platform; GELU is the exact one, with one array
-kept for its backward pass; add_bias sums its gradient in float32."""
+"""The layers: Conv is nn.Conv with autodiff's gradients on every platform, and takes `concatenate`'s parts apart;
+GELU is the exact one, with one array kept for its backward pass; add_bias sums its gradient in float32."""
+
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -78,6 +80,35 @@ def test_gelu_and_its_gradient_match_torch():
     np.testing.assert_allclose(value, torch.nn.functional.gelu(t).detach().numpy(), rtol=0, atol=2e-6)
     np.testing.assert_allclose(grad, t.grad.numpy(), rtol=0, atol=2e-6)
     assert np.abs(np.asarray(value) - np.asarray(jax.nn.gelu(x, approximate=True))).max() > 1e-4  # not tanh's
+
+
+def _products(jaxpr) -> int:
+    """Convolutions and matrix products in a jaxpr and every jaxpr nested in it (both branches of a platform cond)."""
+    own = sum(eqn.primitive.name in ("conv_general_dilated", "dot_general") for eqn in jaxpr.eqns)
+    return own + sum(_products(inner) for eqn in jaxpr.eqns for inner in jaxprs_in_params(eqn.params))
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_conv_of_gelu_of_concatenate_is_that_of_the_joined_array(size):
+    """Conv(gelu(concatenate([a, b]))) equals Conv(gelu(jnp.concatenate)), outputs and gradients, and a part whose
+    gradient is not wanted (a frozen encoder's activations) gets no input-gradient product."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    a, b = jax.random.normal(keys[0], (2, 6, 5, 4)), jax.random.normal(keys[1], (2, 6, 5, 3))
+    conv = Conv(8, size, nn.initializers.lecun_normal())
+    params = jax.tree.map(lambda p: p + 0.1, conv.init(keys[2], jnp.concatenate([a, b], -1)))
+    weights = jax.random.normal(keys[3], (2, 6, 5, 8))
+
+    def loss(params, a, b, join):
+        return (conv.apply(params, gelu(join([a, b]))) * weights).sum()
+
+    kept_apart, joined = (partial(loss, join=join) for join in (layers.concatenate, partial(jnp.concatenate, axis=-1)))
+    np.testing.assert_allclose(kept_apart(params, a, b), joined(params, a, b), rtol=1e-6)
+    got, want = (jax.grad(f, argnums=(0, 1, 2))(params, a, b) for f in (kept_apart, joined))
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6), got, want)
+    assert layers.concatenate([a, b]).shape == (2, 6, 5, 7)
+    with_b, without_b = (_products(jax.make_jaxpr(jax.grad(kept_apart, argnums))(params, a, b).jaxpr)
+                         for argnums in ((0, 1, 2), (0, 1)))
+    assert with_b - without_b == 2  # b's input gradient, in the CPU's branch and the other platforms'
 
 
 def test_gelu_backward_keeps_one_array():
