@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from pathlib import Path
 
 import ml_collections
 import numpy as np
@@ -61,6 +62,23 @@ def test_folder_skips_and_reports_bad_files(tmp_path, caplog):
     assert f"{tmp_path / 'sub' / 'loop'} is a link to a folder, which is not searched" in caplog.text
     with pytest.raises(FileNotFoundError, match="nowhere"):
         data.folder_images(tmp_path / "nowhere")
+
+
+def test_a_limit_decodes_only_the_first_readable_images(tmp_path, caplog):
+    """evaluate.max_images reads no more of a validation folder than it uses: a bad file after the limit is never
+    read (no warning), one before it is skipped and does not count."""
+    rgb = data.embedded_photos()[1][1][:64, :64]
+    for name in ("a.png", "c.png", "d.png"):
+        Image.fromarray(rgb).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    (tmp_path / "e.png").write_bytes(b"not an image either")
+    with caplog.at_level(logging.WARNING):
+        images = data.folder_images(tmp_path, min_size=32, limit=2)
+    assert [Path(p).name for p, _ in images] == ["a.png", "c.png"]
+    assert "b.png" in caplog.text and "e.png" not in caplog.text and "skipped 1 of 3 images" in caplog.text
+    assert len(data.folder_images(tmp_path, limit=5)) == 3
+    config = ml_collections.ConfigDict({"source": "embedded"})
+    assert [name for name, _ in data.load_images(config, 1, limit=2)] == [n for n, _ in data.embedded_photos()[:2]]
 
 
 def test_folder_reads_16_bit_grey_as_its_values_not_white(tmp_path):

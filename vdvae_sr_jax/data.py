@@ -124,22 +124,26 @@ def hr_source(data, split: str = "train") -> ImageSource:
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
 
-def folder_images(folder: str | Path, min_size: int = 1) -> list[tuple[str, np.ndarray]]:
-    """(path, RGB uint8 image) for every image under `folder`; unreadable or too-small files, and links that lead
-    nowhere or to folders (not searched), are skipped and logged by name."""
+def folder_images(folder: str | Path, min_size: int = 1, limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """(path, RGB uint8 image) for every image under `folder` (the first `limit`); unreadable or too-small files,
+    and links that lead nowhere or to folders (not searched), are skipped and logged by name."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     paths, skipped = image_io.find_images(folder.rglob("*"))
-    return decoded_images(FileSource(tuple(str(path) for path in paths)), min_size, f"under {folder}", skipped)
+    return decoded_images(FileSource(tuple(str(path) for path in paths)), min_size, f"under {folder}", skipped,
+                          limit)
 
 
-def decoded_images(source: ImageSource, min_size: int, where: str,
-                   skipped: list[str] = ()) -> list[tuple[str, np.ndarray]]:
-    """(name, RGB uint8 image) for every image of `source` (`where` says where it is), decoded now; unreadable and
-    too-small ones are skipped and logged by name in one warning, after those already `skipped`."""
+def decoded_images(source: ImageSource, min_size: int, where: str, skipped: list[str] = (),
+                   limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8 image) for every image of `source` (`where` says where it is), decoded now, up to the first
+    `limit` readable ones (the rest are not read); unreadable and too-small ones are skipped and logged by name in
+    one warning, after those already `skipped`."""
     skipped, images = list(skipped), []
     for i in tqdm(range(len(source)), desc=f"reading images {where}", unit="image", leave=False):
+        if limit is not None and len(images) == limit:
+            break
         try:
             images.append((source.name(i), checked_image(source, i, min_size)))
         except image_io.UnreadableImage as error:
@@ -152,16 +156,17 @@ def decoded_images(source: ImageSource, min_size: int, where: str,
     return images
 
 
-def load_images(data, min_size: int, split: str = "train") -> list[tuple[str, np.ndarray]]:
-    """The images a config's `data.source` names: 'embedded', 'folder' (`data.folder`, or `data.val_folder` for
-    the validation split) or 'tfds' (`data.tfds_name` in `data.tfds_data_dir`)."""
+def load_images(data, min_size: int, split: str = "train", limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """The images a config's `data.source` names (the first `limit`, decoding no more): 'embedded', 'folder'
+    (`data.folder`, or `data.val_folder` for the validation split) or 'tfds' (`data.tfds_name` in
+    `data.tfds_data_dir`)."""
     if data.source == "embedded":
-        return embedded_photos()
+        return embedded_photos()[:limit]
     if data.source == "folder":
         folder = data.folder if split == "train" or not data.get("val_folder") else data.val_folder
-        return folder_images(folder, min_size)
+        return folder_images(folder, min_size, limit)
     if data.source == "tfds":
-        return tfds_source.named_images(data, split, min_size)
+        return tfds_source.named_images(data, split, min_size, limit)
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
 
 

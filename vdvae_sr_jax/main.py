@@ -83,9 +83,10 @@ def trained_params(config, model, workdir: Path):
 
 
 def evaluation_images(config) -> list[tuple[str, np.ndarray]]:
-    """(name, uint8 HR image) of the validation images, the first `evaluate.max_images` of them if that is set."""
-    images = data.load_images(config.data, config.model.image_size, split="validation")
-    return images[: config.evaluate.max_images or None]
+    """(name, uint8 HR image) of the validation images, the first `evaluate.max_images` of them if that is set
+    (the rest are not decoded)."""
+    return data.load_images(config.data, config.model.image_size, split="validation",
+                            limit=config.evaluate.max_images or None)
 
 
 def evaluate_model(config, model, params, workdir: Path) -> dict:

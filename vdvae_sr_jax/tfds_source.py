@@ -166,10 +166,11 @@ def hr_source(data, split: str = "train") -> HrSource:
     return HrSource(examples, f"{data.tfds_name}/{tfds_split}")
 
 
-def named_images(data, split: str = "train", min_size: int = 1) -> list[tuple[str, np.ndarray]]:
-    """(name, RGB uint8 image) for every image of `hr_source(data, split)`, decoded now; undecodable and too-small
-    images are skipped and logged by name, as the folder source does."""
+def named_images(data, split: str = "train", min_size: int = 1,
+                 limit: int | None = None) -> list[tuple[str, np.ndarray]]:
+    """(name, RGB uint8 image) for every image of `hr_source(data, split)` (the first `limit`), decoded now;
+    undecodable and too-small images are skipped and logged by name, as the folder source does."""
     from vdvae_sr_jax.data import decoded_images
 
     source = hr_source(data, split)
-    return decoded_images(source, min_size, f"in {source.prefix}")
+    return decoded_images(source, min_size, f"in {source.prefix}", limit=limit)
