@@ -157,9 +157,9 @@ def decoded_images(source: ImageSource, min_size: int, where: str, skipped: list
 
 
 def load_images(data, min_size: int, split: str = "train", limit: int | None = None) -> list[tuple[str, np.ndarray]]:
-    """The images a config's `data.source` names (the first `limit`, decoding no more): 'embedded', 'folder'
-    (`data.folder`, or `data.val_folder` for the validation split) or 'tfds' (`data.tfds_name` in
-    `data.tfds_data_dir`)."""
+    """The images a config's `data.source` names (the first `limit`; a folder's or TFDS's others are not decoded):
+    'embedded', 'folder' (`data.folder`, or `data.val_folder` for the validation split) or 'tfds' (`data.tfds_name`
+    in `data.tfds_data_dir`)."""
     if data.source == "embedded":
         return embedded_photos()[:limit]
     if data.source == "folder":
