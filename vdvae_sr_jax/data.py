@@ -112,13 +112,18 @@ def folder_source(folder: str | Path) -> FileSource:
     return FileSource(tuple(str(path) for path in paths))
 
 
+def split_folder(data, split: str) -> str:
+    """The folder of a split: `data.folder`, or `data.val_folder` for the validation split where it is set."""
+    return data.folder if split == "train" or not data.get("val_folder") else data.val_folder
+
+
 def hr_source(data, split: str = "train") -> ImageSource:
     """The images a config's `data.source` names, read lazily: 'embedded', 'folder' (`data.folder`, or
     `data.val_folder` for the validation split) or 'tfds' (`vdvae_sr_jax.tfds_source`)."""
     if data.source == "embedded":
         return EmbeddedSource()
     if data.source == "folder":
-        return folder_source(data.folder if split == "train" or not data.get("val_folder") else data.val_folder)
+        return folder_source(split_folder(data, split))
     if data.source == "tfds":
         return tfds_source.hr_source(data, split)
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
@@ -163,8 +168,7 @@ def load_images(data, min_size: int, split: str = "train", limit: int | None = N
     if data.source == "embedded":
         return embedded_photos()[:limit]
     if data.source == "folder":
-        folder = data.folder if split == "train" or not data.get("val_folder") else data.val_folder
-        return folder_images(folder, min_size, limit)
+        return folder_images(split_folder(data, split), min_size, limit)
     if data.source == "tfds":
         return tfds_source.named_images(data, split, min_size, limit)
     raise ValueError(f"unknown data.source {data.source!r}: use 'embedded', 'folder' or 'tfds'")
