@@ -1,9 +1,9 @@
 """Transparent huge pages for the process's large host allocations, through glibc's `glibc.malloc.hugetlb` tunable.
 
 XLA:CPU allocates a program's temporaries afresh on every call, and the kernel maps them in and zeroes them one page
-at a time on first touch: with 4 KiB pages, a million page faults per ImageNet-64 training step; with 2 MiB pages,
-512 times fewer. glibc reads its tunables only when a process starts, so the command lines restart themselves once
-with the tunable set, before anything is imported that allocates.
+at a time on first touch: with 2 MiB pages instead of 4 KiB ones, 512 times fewer page faults. glibc reads its
+tunables only when a process starts, so the command lines restart themselves once with the tunable set, before
+anything is imported that allocates.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ def glibc_version() -> tuple[int, int] | None:
     """(major, minor) of the running glibc, or None for another C library."""
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = version.split(".")[:2]
     except (AttributeError, ValueError, OSError):
         return None
-    return (int(version.split(".")[0]), int(version.split(".")[1])) if name == "glibc" else None
+    return (int(major), int(minor)) if name == "glibc" else None
 
 
 def kernel_allows() -> bool:
